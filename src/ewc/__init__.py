@@ -1,0 +1,26 @@
+"""ewc: Elastic Weight Consolidation (Kirkpatrick et al., 2017) for PyTorch.
+
+The diagonal Fisher is a per-sample mean, ``F_i = (1/N) Σ_n (∂ log p(y_n|x_n, θ)/∂θ_i)²``, and the
+penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
+"""
+
+from .estimate import fisher_diagonal
+from .fisher import Fisher
+from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
+from .penalty import EWC, L2
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Fisher estimation
+    "fisher_diagonal",
+    "Fisher",
+    # likelihoods
+    "Likelihood",
+    "Categorical",
+    "Gaussian",
+    "CustomNLL",
+    # penalties
+    "EWC",
+    "L2",
+]

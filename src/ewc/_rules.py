@@ -1,0 +1,251 @@
+r"""Closed-form sums of squared per-sample gradients, one rule per layer type.
+
+Every rule has the signature ``rule(module, x, g) -> {local parameter name: tensor}`` where
+
+* ``x`` is the layer's input for the batch, shape ``(N, ...)`` (detached), and
+* ``g`` is the gradient of the back-propagated quantity with respect to the layer's output,
+  shape ``(K, N, ...)``: one slice per column ``k`` of the output-space factor,
+
+and returns, for each trainable parameter ``w`` of the layer,
+
+.. math::
+
+    \sum_{k} \sum_{n} \big(\partial_w \langle s_{nk}, z_n \rangle\big)^2
+
+without a per-sample loop. The per-sample gradient of a layer applied at several positions
+(a sequence, the pixels of a convolution) is the **sum over positions**; that sum is taken
+*inside* the square. Where the layer has no extra positions the square factorises and no
+per-sample gradient is materialised at all (for Linear: ``(Σ_k g²)ᵀ (x²)``, one matmul).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+Rule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+# Per-sample gradients are materialised in chunks of at most this many elements.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _wants(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, nn.Parameter) and p.requires_grad
+
+
+def _sq_sum(per_sample: Tensor) -> Tensor:
+    """``Σ_b per_sample[b]²`` over the leading dimension."""
+    return per_sample.square().sum(0)
+
+
+def _chunked_outer_sq(gg: Tensor, a: Tensor) -> Tensor:
+    r"""``Σ_b (gg[b]ᵀ a[b])²`` for ``gg: (B, T, O)``, ``a: (B, T, I)``, chunked over ``B``."""
+    b, _, o = gg.shape
+    i = a.shape[-1]
+    step = max(1, _CHUNK_ELEMENTS // max(1, o * i))
+    out = gg.new_zeros(o, i)
+    for s in range(0, b, step):
+        per_sample = torch.bmm(gg[s : s + step].transpose(1, 2), a[s : s + step])
+        out += _sq_sum(per_sample)
+    return out
+
+
+def _expand_k(x: Tensor, k: int) -> Tensor:
+    """Repeat the batch input for each of the ``k`` columns: ``(N, ...) -> (K*N, ...)``."""
+    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+
+
+# --- Linear -----------------------------------------------------------------------------
+def linear(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``nn.Linear`` on ``(N, in)`` or ``(N, *positions, in)`` inputs."""
+    k, n = g.shape[:2]
+    out: dict[str, Tensor] = {}
+    if x.dim() == 2:
+        g2 = g.square().sum(0)  # (N, out): Σ_k g², the square factorises
+        if _wants(module, "weight"):
+            out["weight"] = g2.transpose(0, 1) @ x.square()
+        if _wants(module, "bias"):
+            out["bias"] = g2.sum(0)
+        return out
+    gg = g.reshape(k * n, -1, g.shape[-1])
+    if _wants(module, "weight"):
+        a = _expand_k(x.reshape(n, -1, x.shape[-1]), k)
+        out["weight"] = _chunked_outer_sq(gg, a)
+    if _wants(module, "bias"):
+        out["bias"] = _sq_sum(gg.sum(1))
+    return out
+
+
+# --- Convolutions -----------------------------------------------------------------------
+def _conv_padding(module: nn.Module, x: Tensor, spatial: int) -> tuple[Tensor, tuple[int, ...]]:
+    """Apply string paddings by hand; return the input and the numeric padding for unfold."""
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return x, (0,) * spatial
+        pads: list[int] = []
+        for d, kk in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
+            total = d * (kk - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0,) * spatial
+    return x, tuple(padding)
+
+
+def conv(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``nn.Conv1d`` / ``nn.Conv2d`` (zero padding, any stride, dilation and groups)."""
+    k, n = g.shape[:2]
+    spatial = x.dim() - 2
+    x, padding = _conv_padding(module, x, spatial)
+    ks, dil, stride = module.kernel_size, module.dilation, module.stride
+    if spatial == 1:  # treat as 2D with height 1
+        x = x.unsqueeze(2)
+        ks, dil, stride, padding = (1, *ks), (1, *dil), (1, *stride), (0, *padding)
+    cols = F.unfold(x, ks, dilation=dil, padding=padding, stride=stride)  # (N, Cin*kk, L)
+    c_out = g.shape[2]
+    gg = g.reshape(k * n, c_out, -1)  # (KN, Cout, L)
+    out: dict[str, Tensor] = {}
+    if _wants(module, "weight"):
+        groups = module.groups
+        if groups == 1:
+            w = _chunked_outer_sq(gg.transpose(1, 2), _expand_k(cols.transpose(1, 2), k))
+        else:
+            cg = cols.reshape(n, groups, -1, cols.shape[-1])
+            gq = gg.reshape(k * n, groups, c_out // groups, -1)
+            parts = []
+            for j in range(groups):
+                a = _expand_k(cg[:, j].transpose(1, 2), k)
+                parts.append(_chunked_outer_sq(gq[:, j].transpose(1, 2), a))
+            w = torch.cat(parts, 0)
+        out["weight"] = w.reshape(module.weight.shape)
+    if _wants(module, "bias"):
+        out["bias"] = _sq_sum(gg.sum(2))
+    return out
+
+
+# --- Embedding --------------------------------------------------------------------------
+def embedding(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``nn.Embedding``: per sample, the gradients of repeated indices add up before squaring."""
+    if not _wants(module, "weight"):
+        return {}
+    k, n = g.shape[:2]
+    vocab, dim = module.weight.shape
+    idx = x.reshape(n, -1).long()
+    pos = idx.shape[1]
+    sample = torch.arange(k * n, device=idx.device).repeat_interleave(pos)
+    key = sample * vocab + idx.repeat(k, 1).reshape(-1)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    summed = g.new_zeros(uniq.numel(), dim).index_add_(0, inverse, g.reshape(-1, dim))
+    w = g.new_zeros(vocab, dim).index_add_(0, uniq % vocab, summed.square())
+    if module.padding_idx is not None:
+        w[module.padding_idx] = 0
+    return {"weight": w}
+
+
+# --- Normalisation layers (affine parameters) -------------------------------------------
+def _affine(module: nn.Module, xhat: Tensor, g: Tensor, keep: tuple[int, ...]) -> dict[str, Tensor]:
+    """Sum squared per-sample ``Σ_pos g ⊙ x̂`` (weight) and ``Σ_pos g`` (bias).
+
+    Positions are every dimension of ``(K, N, ...)`` except ``K``, ``N`` and ``keep``.
+    """
+    k, n = g.shape[:2]
+    nd = g.dim()
+    red = [d for d in range(2, nd) if d not in keep]
+    out: dict[str, Tensor] = {}
+    pshape = None
+    if _wants(module, "weight"):
+        pshape = module.weight.shape
+        ps = (g * xhat.unsqueeze(0)).sum(red) if red else g * xhat.unsqueeze(0)
+        out["weight"] = _sq_sum(ps.reshape(k * n, *pshape))
+    if _wants(module, "bias"):
+        pshape = module.bias.shape
+        ps = g.sum(red) if red else g
+        out["bias"] = _sq_sum(ps.reshape(k * n, *pshape))
+    return out
+
+
+def layer_norm(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``nn.LayerNorm`` with elementwise affine parameters."""
+    ns = tuple(module.normalized_shape)
+    xhat = F.layer_norm(x, ns, None, None, module.eps)
+    keep = tuple(range(g.dim() - len(ns), g.dim()))
+    return _affine(module, xhat, g, keep)
+
+
+def rms_norm(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``nn.RMSNorm`` (weight only)."""
+    ns = tuple(module.normalized_shape)
+    xhat = F.rms_norm(x, ns, None, module.eps)
+    keep = tuple(range(g.dim() - len(ns), g.dim()))
+    return _affine(module, xhat, g, keep)
+
+
+def batch_norm(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``nn.BatchNorm1d/2d/3d`` in eval mode, normalising with the running statistics."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = module.running_mean.reshape(shape).to(x.dtype)
+    var = module.running_var.reshape(shape).to(x.dtype)
+    xhat = (x - mean) * torch.rsqrt(var + module.eps)
+    return _affine(module, xhat, g, (2,))
+
+
+def group_norm(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """``nn.GroupNorm`` (per-sample statistics, so per-sample gradients are well defined)."""
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
+    return _affine(module, xhat, g, (2,))
+
+
+# --- Which modules have a rule ----------------------------------------------------------
+def _conv_ok(m: nn.Module) -> bool:
+    return m.padding_mode == "zeros"
+
+
+def _embedding_ok(m: nn.Module) -> bool:
+    return not m.scale_grad_by_freq and m.max_norm is None
+
+
+def _bn_ok(m: nn.Module) -> bool:
+    if m.running_mean is None or m.running_var is None:
+        raise ValueError(
+            f"{type(m).__name__} without running statistics (track_running_stats=False) "
+            "normalises each batch with the batch's own statistics even in eval mode, so a "
+            "per-sample Fisher is not defined; use track_running_stats=True, GroupNorm or "
+            "LayerNorm"
+        )
+    return True
+
+
+RULES: dict[type[nn.Module], tuple[Rule, Callable[[nn.Module], bool], tuple[str, ...]]] = {
+    nn.Linear: (linear, lambda m: True, ("weight", "bias")),
+    nn.Conv1d: (conv, _conv_ok, ("weight", "bias")),
+    nn.Conv2d: (conv, _conv_ok, ("weight", "bias")),
+    nn.Embedding: (embedding, _embedding_ok, ("weight",)),
+    nn.LayerNorm: (layer_norm, lambda m: True, ("weight", "bias")),
+    nn.GroupNorm: (group_norm, lambda m: True, ("weight", "bias")),
+    nn.BatchNorm1d: (batch_norm, _bn_ok, ("weight", "bias")),
+    nn.BatchNorm2d: (batch_norm, _bn_ok, ("weight", "bias")),
+    nn.BatchNorm3d: (batch_norm, _bn_ok, ("weight", "bias")),
+}
+if hasattr(nn, "RMSNorm"):
+    RULES[nn.RMSNorm] = (rms_norm, lambda m: True, ("weight",))
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """Return the closed-form rule for ``module`` or ``None`` (use the generic fallback).
+
+    Only exact types match: a subclass may override ``forward``.
+    """
+    entry = RULES.get(type(module))
+    if entry is None:
+        return None
+    rule, ok, names = entry
+    own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if not own or any(n not in names for n in own) or not ok(module):
+        return None
+    return rule
+
+
+__all__ = ["RULES", "rule_for"]

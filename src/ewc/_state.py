@@ -1,0 +1,145 @@
+"""Saving and loading EWC state: safetensors for tensors, JSON for metadata, nothing pickled."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .penalty import EWC
+
+_META_KEY = "ewc"
+
+
+def save_state(state: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``{"tensors": ..., "metadata": ...}`` to ``path`` atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state["tensors"].items()}
+    meta = {_META_KEY: json.dumps(state["metadata"], sort_keys=True)}
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a file written by :func:`save_state`; raise ``ValueError`` if it is not one."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no EWC state file at {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get(_META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(
+            f"{path!r} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
+            "truncated or corrupted, or not written by ewc"
+        ) from e
+    if meta_raw is None:
+        raise ValueError(
+            f"{path!r} is a safetensors file but has no ewc metadata; it was not written by "
+            "EWC.save()"
+        )
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} has malformed ewc metadata: {e}") from e
+    return {"tensors": tensors, "metadata": meta}
+
+
+def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
+    """Validate ``state`` against ``ewc`` and its model; return the fields to assign."""
+    from .penalty import FORMAT_VERSION, MODES, _check_gamma, _check_lam
+
+    try:
+        tensors: Mapping[str, Tensor] = state["tensors"]
+        meta: Mapping[str, Any] = state["metadata"]
+    except (KeyError, TypeError) as e:
+        raise ValueError("an EWC state needs 'tensors' and 'metadata' entries") from e
+    if not isinstance(meta, Mapping) or meta.get("format") != "ewc":
+        raise ValueError("this is not an ewc state (metadata 'format' is not 'ewc')")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"unsupported ewc state format_version {version!r}; this ewc reads version "
+            f"{FORMAT_VERSION} (upgrade the package to read newer files)"
+        )
+    method = meta.get("method")
+    if method != type(ewc).__name__:
+        raise ValueError(
+            f"the state was saved by {method!r} but is being loaded into {type(ewc).__name__!r}"
+        )
+    mode = meta.get("mode")
+    if mode not in MODES:
+        raise ValueError(f"the state has an unknown mode {mode!r}")
+    lam, gamma = _check_lam(meta.get("lam")), _check_gamma(meta.get("gamma"))
+    tasks = meta.get("tasks")
+    if not isinstance(tasks, list):
+        raise ValueError("the state's metadata has no 'tasks' list")
+    if "offset" not in tensors or tensors["offset"].shape != ():
+        raise ValueError("the state has no scalar 'offset' tensor")
+    offset = tensors["offset"].to(torch.float64)
+
+    params = dict(ewc.model.named_parameters())
+    prec = {k[len("precision.") :]: v for k, v in tensors.items() if k.startswith("precision.")}
+    anch = {k[len("anchor.") :]: v for k, v in tensors.items() if k.startswith("anchor.")}
+    known = {"offset"} | {f"precision.{n}" for n in prec} | {f"anchor.{n}" for n in anch}
+    stray = sorted(set(tensors) - known)
+    if stray:
+        raise ValueError(f"the state has unexpected tensors {stray[:5]}")
+    if set(prec) != set(anch):
+        raise ValueError(
+            f"the state's precision and anchor tensors cover different parameters: "
+            f"{sorted(set(prec) ^ set(anch))[:5]}"
+        )
+    if tasks and not prec:
+        raise ValueError("the state lists tasks but holds no tensors")
+    unknown = sorted(set(prec) - set(params))
+    if unknown:
+        raise ValueError(
+            f"the state has parameters the model lacks: {unknown[:5]}; was it saved for "
+            "another model?"
+        )
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in prec)
+    if prec and missing:
+        raise ValueError(
+            f"the model has trainable parameters the state lacks: {missing[:5]}; was it saved "
+            "for another model?"
+        )
+    precision: dict[str, Tensor] = {}
+    anchor: dict[str, Tensor] = {}
+    for n, p in params.items():
+        if n not in prec:
+            continue
+        for label, t in (("precision", prec[n]), ("anchor", anch[n])):
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{label} of {n!r} has shape {tuple(t.shape)} but the model's parameter has "
+                    f"shape {tuple(p.shape)}"
+                )
+            if t.dtype != p.dtype:
+                raise ValueError(
+                    f"{label} of {n!r} has dtype {t.dtype} but the model's parameter has dtype "
+                    f"{p.dtype}; cast the model (or load into a model of the saved dtype)"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{label} of {n!r} has non-finite values: the file is corrupt")
+        if bool((prec[n] < 0).any()):
+            raise ValueError(f"precision of {n!r} has negative values: the file is corrupt")
+        precision[n] = prec[n].detach().clone().to(p.device)
+        anchor[n] = anch[n].detach().clone().to(p.device)
+    kind = meta.get("kind", ewc.kind)
+    return lam, gamma, mode, kind, list(tasks), precision, anchor, offset.clone()

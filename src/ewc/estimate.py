@@ -1,0 +1,353 @@
+r"""``fisher_diagonal``: the diagonal Fisher information of a model over a data set.
+
+.. math::
+
+    F_i = \frac{1}{N} \sum_{n=1}^{N} \sum_{k} \big(J_n^\top s_{nk}\big)_i^2,
+    \qquad J_n = \partial z_n / \partial \theta,
+
+where ``z_n`` is the model output for sample ``n`` and ``s_nk`` the columns of the likelihood's
+output-space factor (:mod:`ewc.likelihoods`). For ``kind="sampled"`` and ``"empirical"`` there is
+one column, the gradient ``∇_z log p(y_n | z_n)`` for a label drawn from the model or taken from
+the data; for ``kind="exact"`` the columns factor the output-space Fisher exactly, so the result
+is ``(1/N) Σ_n E_{y~p(·|x_n)}[(∂ log p(y|x_n)/∂θ)²]``.
+
+How it is computed: one forward pass per batch with hooks on the layers that have a closed form
+(:mod:`ewc._rules`), one backward pass from the outputs to those layers' outputs (batched over
+the columns for ``"exact"``), and the closed-form sum of squared per-sample gradients per layer.
+Parameters of any other module go through a generic per-sample ``torch.func`` path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from . import _rules
+from .fisher import Fisher
+from .likelihoods import KINDS, Likelihood, get_likelihood
+
+__all__ = ["fisher_diagonal"]
+
+
+# --- Batches ----------------------------------------------------------------------------
+def _split_batch(batch: Any, needs_targets: bool) -> tuple[Any, Tensor | None]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if needs_targets:
+        raise ValueError(
+            "kind='empirical' needs (inputs, targets) batches; got a batch of type "
+            f"{type(batch).__name__}"
+            + (f" with {len(batch)} elements" if isinstance(batch, (tuple, list)) else "")
+        )
+    return batch, None
+
+
+def _batch_size(inputs: Any) -> int:
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
+    if not leaves or leaves[0].dim() == 0:
+        raise ValueError("inputs must contain a tensor with a leading batch dimension")
+    return int(leaves[0].shape[0])
+
+
+def _to(tree: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
+
+
+def _take(tree: Any, n: int) -> Any:
+    return tree_map(lambda t: t[:n] if isinstance(t, Tensor) and t.dim() > 0 else t, tree)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+# --- Partition of the parameters --------------------------------------------------------
+def _partition(
+    model: nn.Module, trainable: dict[str, nn.Parameter], exclude: set[str]
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """Split parameters into layers with a closed form and the rest (generic fallback)."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    fast: dict[str, nn.Module] = {}
+    covered: set[str] = set()
+    for mname, module in model.named_modules():
+        if mname in exclude or _rules.rule_for(module) is None:
+            continue
+        own = {
+            f"{mname}.{n}" if mname else n: p
+            for n, p in module.named_parameters(recurse=False)
+            if p.requires_grad
+        }
+        if any(owners[id(p)] > 1 for p in own.values()) or not set(own) <= set(trainable):
+            continue  # shared (tied) parameters: their per-sample gradients add up
+        fast[mname] = module
+        covered |= set(own)
+    rest = [n for n in trainable if n not in covered]
+    return fast, rest
+
+
+# --- Back-propagation of the factor columns ---------------------------------------------
+def _backprop(z: Tensor, outs: list[Tensor], s: Tensor, retain: bool) -> list[Tensor]:
+    """Gradients of ``<s_k, z>`` with respect to ``outs``, each of shape ``(K, *out.shape)``."""
+    k = s.shape[0]
+    if k == 1:
+        gs = torch.autograd.grad(z, outs, s[0], retain_graph=retain, allow_unused=True)
+        return [_zeros_if_none(g, o).unsqueeze(0) for g, o in zip(gs, outs, strict=True)]
+    try:
+        gs = torch.autograd.grad(
+            z, outs, s, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        res = [_zeros_if_none(g, o, k) for g, o in zip(gs, outs, strict=True)]
+    except RuntimeError:  # an op without a batching rule: one backward per column
+        cols = [
+            torch.autograd.grad(z, outs, s[j], retain_graph=True, allow_unused=True)
+            for j in range(k)
+        ]
+        res = [torch.stack([_zeros_if_none(c[i], o) for c in cols]) for i, o in enumerate(outs)]
+    return res
+
+
+def _zeros_if_none(g: Tensor | None, like: Tensor, k: int | None = None) -> Tensor:
+    if g is not None:
+        return g
+    return like.new_zeros(like.shape if k is None else (k, *like.shape))
+
+
+# --- Generic fallback: per-sample gradients with torch.func ------------------------------
+def _fallback(model: nn.Module, names: list[str], inputs: Any, s: Tensor) -> dict[str, Tensor]:
+    """``Σ_n Σ_k (∂<s_nk, z_n>/∂θ)²`` for the parameters ``names``, by vmap over samples."""
+    from torch.func import functional_call, vjp, vmap
+
+    params = dict(model.named_parameters())
+    sub = {n: params[n].detach() for n in names}
+    const: dict[str, Tensor] = {n: p.detach() for n, p in params.items() if n not in sub}
+    const.update(dict(model.named_buffers()))
+
+    def one(x: Any, s_n: Tensor) -> dict[str, Tensor]:
+        def f(p: dict[str, Tensor]) -> Tensor:
+            x1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+            if isinstance(x1, Mapping):
+                out = functional_call(model, {**p, **const}, (), dict(x1))
+            elif isinstance(x1, (tuple, list)):
+                out = functional_call(model, {**p, **const}, tuple(x1))
+            else:
+                out = functional_call(model, {**p, **const}, (x1,))
+            return out.squeeze(0)
+
+        _, vjp_fn = vjp(f, sub)
+        (grads,) = vmap(vjp_fn)(s_n)
+        return {n: g.square().sum(0) for n, g in grads.items()}
+
+    numel = sum(p.numel() for p in sub.values()) * max(1, s.shape[0])
+    chunk = max(1, _rules._CHUNK_ELEMENTS // max(1, numel))
+    per = vmap(one, chunk_size=chunk)(inputs, s.movedim(0, 1))
+    return {n: g.sum(0) for n, g in per.items()}
+
+
+# --- The estimator ----------------------------------------------------------------------
+class _Capture:
+    """Forward hooks that record each fast layer's input and output for one batch."""
+
+    def __init__(self, modules: dict[str, nn.Module], clone: bool) -> None:
+        self.modules = modules
+        self.clone = clone
+        self.records: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+            self.records.setdefault(name, []).append((args[0].detach(), output, output._version))
+            # a copy goes downstream, so in-place ops there leave the recorded output intact
+            return output.clone() if self.clone else None
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    kind: str = "sampled",
+    n_samples: int | None = None,
+    likelihood: str | Likelihood | Callable[[Tensor, Tensor], Tensor] = "classification",
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+    mc_samples: int = 1,
+) -> Fisher:
+    r"""Estimate the diagonal Fisher information of ``model`` over ``data``.
+
+    The result is the per-sample **mean**
+
+    .. math::
+
+        F_i = \frac{1}{N} \sum_{n=1}^N \mathbb{E}_{y}\Big[\Big(
+        \frac{\partial \log p(y \mid x_n, \theta)}{\partial \theta_i}\Big)^2\Big],
+
+    computed from per-sample gradients (never the square of a mini-batch mean), so it does not
+    depend on the loader's batch size. EWC's penalty is ``(λ/2) Σ_i F_i (θ_i − θ*_i)²`` with this
+    ``F``. To convert λ: Avalanche squares mini-batch-mean gradients and omits the ½
+    (``λ_ours ≈ 2 λ_avalanche / batch_size``); laplace-torch's diagonal Fisher is a sum over the
+    N samples (``λ_ours = N`` gives its posterior precision); see the README.
+
+    Args:
+        model: Any ``nn.Module`` mapping a batch of inputs ``(N, ...)`` to outputs ``(N, ...)``
+            that treats samples independently (in eval mode). Only parameters with
+            ``requires_grad=True`` are included.
+        data: Iterable of ``(inputs, targets)`` batches, e.g. a ``DataLoader``. ``inputs`` may
+            be a tensor, a tuple (``model(*inputs)``) or a dict (``model(**inputs)``). For
+            ``"sampled"`` and ``"exact"`` the targets are ignored and bare input batches are
+            accepted.
+        kind: ``"sampled"`` (labels drawn from the model's predictive distribution: the
+            paper's Fisher), ``"empirical"`` (the data's labels) or ``"exact"`` (the expectation
+            over all labels in closed form, by back-propagating a factor of the output-space
+            Fisher).
+        n_samples: Use at most this many data points (``None``: all of ``data``).
+        likelihood: ``"classification"`` (softmax cross-entropy over the last output
+            dimension), ``"regression"`` (Gaussian, σ = 1; pass ``ewc.Gaussian(sigma)`` for
+            another σ), or a callable ``nll(outputs, targets) -> (N,)`` per-sample negative
+            log-likelihood (``"empirical"`` only).
+        progress: Show a tqdm progress bar.
+        generator: Random generator for ``"sampled"`` labels (reproducible draws).
+        mc_samples: Labels drawn per input for ``"sampled"``; the estimate averages over them.
+
+    Returns:
+        A :class:`~ewc.Fisher` with one tensor per trainable parameter, keyed by name, each of
+        its parameter's shape and dtype.
+
+    Raises:
+        ValueError: on empty data, non-finite outputs or Fisher, labels out of range, a model
+            with no trainable parameters, or an invalid option.
+
+    The model's train/eval mode of every submodule, its parameters, buffers and any existing
+    ``.grad`` are left as they were.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if n_samples is not None and (not isinstance(n_samples, int) or n_samples <= 0):
+        raise ValueError(f"n_samples must be a positive integer or None, got {n_samples!r}")
+    if not isinstance(mc_samples, int) or mc_samples <= 0:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    lik = get_likelihood(likelihood)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(
+            "the model has no trainable parameters (all have requires_grad=False); unfreeze the "
+            "parameters EWC should protect"
+        )
+    device = next(iter(trainable.values())).device
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _estimate(
+            model, data, kind, n_samples, lik, progress, generator, mc_samples, trainable, device
+        )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _estimate(
+    model: nn.Module,
+    data: Iterable[Any],
+    kind: str,
+    n_samples: int | None,
+    lik: Likelihood,
+    progress: bool,
+    generator: torch.Generator | None,
+    mc_samples: int,
+    trainable: dict[str, nn.Parameter],
+    device: torch.device,
+) -> Fisher:
+    exclude: set[str] = set()
+    fast, rest = _partition(model, trainable, exclude)
+    sums = {
+        n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in trainable.items()
+    }
+    clone = False
+    seen = 0
+    iterator: Iterable[Any] = data
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(data, desc=f"Fisher ({kind})", unit="batch")
+    for batch_idx, batch in enumerate(iterator):
+        inputs, targets = _split_batch(batch, kind == "empirical")
+        size = _batch_size(inputs)
+        if n_samples is not None and seen + size > n_samples:
+            size = n_samples - seen
+            inputs, targets = _take(inputs, size), _take(targets, size)
+        if size == 0:
+            continue
+        inputs = _to(inputs, device)
+        targets = _to(targets, device) if targets is not None else None
+        while True:
+            capture = _Capture(fast, clone)
+            try:
+                with torch.enable_grad():
+                    z = _call(model, inputs)
+            finally:
+                capture.remove()
+            if not isinstance(z, Tensor):
+                raise TypeError(
+                    f"the model must return a tensor of outputs, got {type(z).__name__}"
+                )
+            bad = [n for n in fast if len(capture.records.get(n, ())) != 1]
+            if bad:  # a layer called twice (or never): its gradients need the generic path
+                exclude |= set(bad)
+                fast, rest = _partition(model, trainable, exclude)
+                continue
+            if not clone and any(
+                o._version != v for recs in capture.records.values() for _, o, v in recs
+            ):
+                clone = True  # an in-place op changed a layer output: capture copies instead
+                continue
+            break
+        if z.shape[:1] != (size,):
+            raise ValueError(
+                f"model output has shape {tuple(z.shape)}, expected a leading batch "
+                f"dimension of {size}"
+            )
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError(
+                f"the model produced non-finite outputs on batch {batch_idx}; the loss is not "
+                "finite (check the inputs and the weights)"
+            )
+        lik.check(z, targets, kind)
+        s = lik.factor(z.detach(), targets, kind, mc_samples=mc_samples, generator=generator)
+        if fast:
+            names = list(fast)
+            outs = [capture.records[n][0][1] for n in names]
+            grads = _backprop(z, outs, s, retain=False)
+            for name, g in zip(names, grads, strict=True):
+                module = fast[name]
+                x = capture.records[name][0][0]
+                rule = _rules.rule_for(module)
+                assert rule is not None
+                for pname, val in rule(module, x, g.detach()).items():
+                    full = f"{name}.{pname}" if name else pname
+                    sums[full] += val.to(sums[full].dtype)
+        del capture, z
+        if rest:
+            for n, val in _fallback(model, rest, inputs, s).items():
+                sums[n] += val.to(sums[n].dtype)
+        seen += size
+        if n_samples is not None and seen >= n_samples:
+            break
+    if seen == 0:
+        raise ValueError("data yielded no samples: the Fisher needs at least one data point")
+    fisher = Fisher({n: v / seen for n, v in sums.items()}, n_samples=seen, kind=kind)
+    fisher.validate()
+    return fisher

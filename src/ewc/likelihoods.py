@@ -1,0 +1,267 @@
+r"""Likelihoods: how a model's outputs define ``p(y | x, θ)`` and its output-space Fisher.
+
+Every Fisher estimator here works by back-propagating, from the model's output ``z_n`` of each
+sample, the columns of a factor ``S_n`` (shape ``(K, *z_n.shape)``) with
+
+.. math::
+
+    \sum_k s_{nk} s_{nk}^\top \approx \mathbb{E}_{y}\big[\nabla_z \log p(y|z_n)\,
+    \nabla_z \log p(y|z_n)^\top\big],
+
+exactly for ``kind="exact"`` and as an unbiased Monte-Carlo estimate for ``kind="sampled"``
+(``kind="empirical"`` uses the dataset's label instead of the expectation). Then the diagonal
+Fisher of sample ``n`` is ``Σ_k (J_nᵀ s_nk)²`` with ``J_n = ∂z_n/∂θ``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["Likelihood", "Categorical", "Gaussian", "CustomNLL", "get_likelihood", "Kind"]
+
+Kind = Literal["sampled", "empirical", "exact"]
+KINDS: tuple[str, ...] = ("sampled", "empirical", "exact")
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Draw uniforms in float64 on the CPU, row-major.
+
+    Draws are consumed sample by sample, so they do not depend on how a data set is split into
+    batches: the sampled Fisher is batch-size independent for a fixed generator.
+    """
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return u.to(like.device)
+
+
+class Likelihood:
+    """Base class: a per-sample likelihood ``p(y | z)`` over the model output ``z``."""
+
+    name: str = "likelihood"
+
+    def check(self, outputs: Tensor, targets: Tensor | None, kind: str) -> None:
+        """Raise :class:`ValueError` if ``outputs``/``targets`` do not fit this likelihood."""
+
+    def factor(
+        self,
+        outputs: Tensor,
+        targets: Tensor | None,
+        kind: str,
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Return the factor ``S`` of shape ``(K, *outputs.shape)`` described in the module doc.
+
+        ``outputs`` is detached; the result carries no graph.
+        """
+        raise NotImplementedError
+
+    def config(self) -> dict[str, object]:
+        """Return a JSON-serialisable description (stored in saved EWC state)."""
+        return {"name": self.name}
+
+
+class Categorical(Likelihood):
+    r"""Softmax cross-entropy classification: ``p(y | z) = softmax(z)_y``.
+
+    ``outputs`` has shape ``(N, C)`` or ``(N, ..., C)`` (class dimension **last**); ``targets``
+    has shape ``(N,)`` or ``(N, ...)`` with integer classes in ``[0, C)``. With extra dimensions
+    the per-sample log-likelihood is the sum over positions (one sample = one ``x_n``).
+
+    The output-space Fisher of one position is ``diag(p) − p pᵀ``, factored exactly by the
+    ``C`` columns ``√p_c (p − e_c)``; positions are independent, so ``kind="exact"`` uses
+    ``C × positions`` columns.
+    """
+
+    name = "classification"
+
+    def check(self, outputs: Tensor, targets: Tensor | None, kind: str) -> None:  # noqa: D102
+        if outputs.dim() < 2:
+            raise ValueError(
+                "classification needs model outputs of shape (N, C) or (N, ..., C) with the "
+                f"class dimension last; got shape {tuple(outputs.shape)}"
+            )
+        if kind != "empirical" or targets is None:
+            return
+        if targets.is_floating_point() or targets.is_complex():
+            raise ValueError(
+                f"classification targets must be integer class indices, got dtype {targets.dtype}"
+            )
+        if tuple(targets.shape) != tuple(outputs.shape[:-1]):
+            raise ValueError(
+                f"targets of shape {tuple(targets.shape)} do not match outputs of shape "
+                f"{tuple(outputs.shape)} (expected {tuple(outputs.shape[:-1])})"
+            )
+        n_classes = outputs.shape[-1]
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n_classes):
+            raise ValueError(
+                f"labels out of range: got labels in [{int(targets.min())}, "
+                f"{int(targets.max())}] but the model has {n_classes} classes [0, {n_classes})"
+            )
+
+    def factor(  # noqa: D102
+        self,
+        outputs: Tensor,
+        targets: Tensor | None,
+        kind: str,
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        p = torch.softmax(outputs, dim=-1)
+        n_classes = p.shape[-1]
+        if kind == "exact":
+            eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
+            # cols[c] = sqrt(p_c) * (p - e_c), shape (C, *outputs.shape)
+            cols = p.sqrt().movedim(-1, 0).unsqueeze(-1) * (p.unsqueeze(0) - _bcast(eye, p))
+            positions = math.prod(p.shape[1:-1])
+            if positions == 1:
+                return cols
+            # one column per (position, class): only that position is non-zero
+            mask = torch.eye(positions, dtype=p.dtype, device=p.device)
+            mask = mask.reshape(positions, 1, 1, *p.shape[1:-1], 1)
+            out = cols.unsqueeze(0) * mask  # (P, C, N, ..., C)
+            return out.reshape(positions * n_classes, *p.shape)
+        if kind == "empirical":
+            assert targets is not None
+            onehot = torch.nn.functional.one_hot(targets.long(), n_classes).to(p.dtype)
+            return (p - onehot).unsqueeze(0)
+        # sampled: inverse-CDF draws from the model's own predictive distribution
+        u = _uniform((*p.shape[:-1], mc_samples), generator, p)
+        cdf = p.double().cumsum(-1)
+        labels = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp_(max=n_classes - 1)
+        onehot = torch.nn.functional.one_hot(labels, n_classes).to(p.dtype)  # (N, ..., M, C)
+        grads = p.unsqueeze(-2) - onehot
+        return grads.movedim(-2, 0) / math.sqrt(mc_samples)
+
+
+def _bcast(eye: Tensor, p: Tensor) -> Tensor:
+    """Reshape the ``(C, C)`` identity to broadcast against ``(C, *p.shape)``."""
+    n_classes = eye.shape[0]
+    return eye.reshape(n_classes, *([1] * (p.dim() - 1)), n_classes)
+
+
+class Gaussian(Likelihood):
+    r"""Gaussian regression: ``p(y | z) = N(y; z, σ² I)``.
+
+    ``outputs`` and ``targets`` have the same shape ``(N, ...)``. The output-space Fisher is
+    ``I / σ²``; ``kind="exact"`` factors it by one column per output entry.
+
+    Args:
+        sigma: Observation noise standard deviation ``σ > 0``.
+    """
+
+    name = "regression"
+
+    def __init__(self, sigma: float = 1.0) -> None:
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        self.sigma = float(sigma)
+
+    def check(self, outputs: Tensor, targets: Tensor | None, kind: str) -> None:  # noqa: D102
+        if kind == "empirical" and targets is not None:
+            if tuple(targets.shape) != tuple(outputs.shape):
+                raise ValueError(
+                    f"regression targets of shape {tuple(targets.shape)} do not match outputs "
+                    f"of shape {tuple(outputs.shape)}"
+                )
+            if not bool(torch.isfinite(targets).all()):
+                raise ValueError("regression targets contain NaN or inf")
+
+    def factor(  # noqa: D102
+        self,
+        outputs: Tensor,
+        targets: Tensor | None,
+        kind: str,
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        s2 = self.sigma**2
+        if kind == "empirical":
+            assert targets is not None
+            return ((outputs - targets.to(outputs.dtype)) / s2).unsqueeze(0)
+        if kind == "exact":
+            d = math.prod(outputs.shape[1:])
+            eye = torch.eye(d, dtype=outputs.dtype, device=outputs.device) / self.sigma
+            cols = eye.reshape(d, 1, *outputs.shape[1:])
+            return cols.expand(d, *outputs.shape).contiguous()
+        # sampled: y = z + σ ε, gradient (z - y)/σ² = -ε/σ; Box-Muller keeps draws per sample
+        u = _uniform((outputs.shape[0], 2, mc_samples, *outputs.shape[1:]), generator, outputs)
+        eps = torch.sqrt(-2.0 * torch.log1p(-u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+        return (-eps / self.sigma).to(outputs.dtype).movedim(1, 0) / math.sqrt(mc_samples)
+
+    def config(self) -> dict[str, object]:  # noqa: D102
+        return {"name": self.name, "sigma": self.sigma}
+
+
+class CustomNLL(Likelihood):
+    """A user-supplied per-sample negative log-likelihood, for ``kind="empirical"`` only.
+
+    Args:
+        nll: ``nll(outputs, targets) -> Tensor`` of shape ``(N,)``: the negative
+            log-likelihood of each sample. It must treat samples independently.
+    """
+
+    name = "custom"
+
+    def __init__(self, nll: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.nll = nll
+
+    def check(self, outputs: Tensor, targets: Tensor | None, kind: str) -> None:  # noqa: D102
+        if kind != "empirical":
+            raise ValueError(
+                f"a custom negative log-likelihood supports only kind='empirical' (got "
+                f"kind={kind!r}): sampling labels or taking the exact expectation needs a "
+                "known distribution; use likelihood='classification' or 'regression'"
+            )
+
+    def factor(  # noqa: D102
+        self,
+        outputs: Tensor,
+        targets: Tensor | None,
+        kind: str,
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        z = outputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = self.nll(z, targets)  # type: ignore[arg-type]
+            if not isinstance(losses, Tensor) or losses.shape != (outputs.shape[0],):
+                shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)
+                raise ValueError(
+                    f"the custom nll must return per-sample losses of shape "
+                    f"({outputs.shape[0]},), got {shape}; use reduction='none' and sum over "
+                    "non-batch dimensions"
+                )
+            if not bool(torch.isfinite(losses).all()):
+                raise ValueError("the custom nll returned a non-finite loss")
+            (grad,) = torch.autograd.grad(losses.sum(), z)
+        return grad.unsqueeze(0)
+
+    def config(self) -> dict[str, object]:  # noqa: D102
+        return {"name": self.name, "nll": getattr(self.nll, "__name__", repr(self.nll))}
+
+
+def get_likelihood(likelihood: str | Likelihood | Callable[[Tensor, Tensor], Tensor]) -> Likelihood:
+    """Resolve ``"classification"``, ``"regression"``, a :class:`Likelihood` or a callable."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if isinstance(likelihood, str):
+        if likelihood == "classification":
+            return Categorical()
+        if likelihood == "regression":
+            return Gaussian()
+        raise ValueError(
+            f"unknown likelihood {likelihood!r}; use 'classification', 'regression', "
+            "ewc.Gaussian(sigma=...), or a callable per-sample nll(outputs, targets)"
+        )
+    if callable(likelihood):
+        return CustomNLL(likelihood)
+    raise TypeError(f"likelihood must be a string, a Likelihood or a callable, got {likelihood!r}")

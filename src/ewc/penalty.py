@@ -1,0 +1,367 @@
+r"""EWC penalties: ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²`` stored as one exact quadratic.
+
+A sum of quadratics is again a quadratic. For each parameter we keep the total precision
+``A = Σ_t F_t`` and the precision-weighted anchor ``μ = Σ_t F_t θ*_t / A``; then
+
+.. math::
+
+    \sum_t F_t (\theta - \theta^*_t)^2 = A (\theta - \mu)^2 + c,
+    \qquad c = \sum_t F_t (\theta^*_t - \mu)^2 \ge 0,
+
+exactly, in value and gradient. Adding a task updates ``(A, μ, c)`` with the numerically sound
+parallel-combination formulas (no large nearly-equal numbers are subtracted):
+
+.. math::
+
+    A' = A + F,\quad \mu' = \mu + \tfrac{F}{A'}(\theta^* - \mu),\quad
+    c' = c + \sum_i \tfrac{A_i F_i}{A'_i}(\theta^*_i - \mu_i)^2 .
+
+So memory is two tensors per parameter (plus one scalar) however many tasks there are.
+``mode="online"`` (Schwarz et al. 2018; Huszár 2018 for γ = 1) keeps ``A ← γ A + F`` anchored at
+the latest optimum ``μ = θ*``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .estimate import fisher_diagonal
+from .fisher import Fisher
+from .likelihoods import KINDS, Likelihood
+
+__all__ = ["EWC", "L2", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+MODES = ("separate", "online")
+
+
+def _check_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0 (it weights a penalty), got {lam}")
+    return float(lam)
+
+
+def _check_gamma(gamma: float) -> float:
+    ok = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
+    if not ok or not (0.0 < gamma <= 1.0):
+        raise ValueError(f"gamma must be in (0, 1] (the decay of old Fishers), got {gamma!r}")
+    return float(gamma)
+
+
+class EWC:
+    r"""Elastic Weight Consolidation for ``model``.
+
+    Args:
+        model: The network being trained. The penalty covers its trainable parameters at the
+            time of the first consolidation.
+        lam: λ ≥ 0 in ``(λ/2) Σ_i F_i (θ_i − θ*_i)²`` with the per-sample-mean Fisher of
+            :func:`ewc.fisher_diagonal`.
+        mode: ``"separate"`` (the paper: one penalty per task, stored merged and exact) or
+            ``"online"`` (``F ← γ F + F_new`` anchored at the latest optimum).
+        gamma: Decay of old Fishers in ``"online"`` mode, in ``(0, 1]``.
+        kind, likelihood, n_samples, mc_samples: Defaults for :meth:`consolidate`'s Fisher
+            estimate (see :func:`ewc.fisher_diagonal`).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 2)
+        >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+        >>> ewc = EWC(net, lam=100.0)
+        >>> ewc.consolidate(data)  # after training task A
+        >>> loss = ewc.penalty()   # add to task B's loss
+        >>> float(loss)
+        0.0
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float,
+        *,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        kind: str = "sampled",
+        likelihood: str | Likelihood | Callable[[Tensor, Tensor], Tensor] = "classification",
+        n_samples: int | None = None,
+        mc_samples: int = 1,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.model = model
+        self.lam = _check_lam(lam)
+        self.gamma = _check_gamma(gamma)
+        self.mode = mode
+        self.kind = kind
+        self.likelihood = likelihood
+        self.n_samples = n_samples
+        self.mc_samples = mc_samples
+        self.precision: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+        self.offset = torch.zeros((), dtype=torch.float64)
+        self.tasks: list[dict[str, Any]] = []
+
+    # --- Recording tasks --------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        """Number of consolidated tasks."""
+        return len(self.tasks)
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def _check_fisher(self, fisher: Mapping[str, Tensor]) -> None:
+        params = self._params()
+        expected = (
+            set(self.precision)
+            if self.precision
+            else {n for n, p in params.items() if p.requires_grad}
+        )
+        got = set(fisher)
+        if got != expected:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            raise ValueError(
+                "the Fisher does not match the model's parameters: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        for n, f in fisher.items():
+            if tuple(f.shape) != tuple(params[n].shape):
+                raise ValueError(
+                    f"Fisher entry {n!r} has shape {tuple(f.shape)} but the parameter has "
+                    f"shape {tuple(params[n].shape)}"
+                )
+        if not isinstance(fisher, Fisher):
+            fisher = Fisher(fisher)
+        fisher.validate()
+
+    def consolidate(
+        self,
+        data: Iterable[Any] | None = None,
+        *,
+        fisher: Mapping[str, Tensor] | None = None,
+        **fisher_kwargs: Any,
+    ) -> Fisher:
+        """Record the current parameters as a task's optimum with its Fisher.
+
+        Call it after training on a task. Either pass the task's ``data`` (the Fisher is
+        estimated at the current parameters with this object's defaults, overridable by
+        ``fisher_kwargs`` such as ``kind=`` or ``generator=``) or a precomputed ``fisher``.
+
+        Returns:
+            The Fisher that was added.
+        """
+        if (data is None) == (fisher is None):
+            raise ValueError("consolidate needs exactly one of `data` or `fisher=`")
+        if fisher is None:
+            opts: dict[str, Any] = {
+                "kind": self.kind,
+                "likelihood": self.likelihood,
+                "n_samples": self.n_samples,
+                "mc_samples": self.mc_samples,
+            }
+            opts.update(fisher_kwargs)
+            fisher = fisher_diagonal(self.model, data, **opts)  # type: ignore[arg-type]
+        self._check_fisher(fisher)
+        if not isinstance(fisher, Fisher):
+            fisher = Fisher(fisher)
+        self._merge(fisher)
+        self.tasks.append({"n_samples": fisher.n_samples, "kind": fisher.kind})
+        return fisher
+
+    @torch.no_grad()
+    def _merge(self, fisher: Fisher) -> None:
+        params = self._params()
+        offset = self.offset.clone()
+        new_prec: dict[str, Tensor] = {}
+        new_anchor: dict[str, Tensor] = {}
+        for n, f in fisher.items():
+            theta = params[n].detach().clone()
+            f = f.detach().to(device=theta.device, dtype=theta.dtype)
+            if n not in self.precision:
+                new_prec[n], new_anchor[n] = f.clone(), theta
+                continue
+            a, mu = self.precision[n], self.anchor[n]
+            if self.mode == "online":
+                new_prec[n], new_anchor[n] = self.gamma * a + f, theta
+                continue
+            a_new = a + f
+            safe = torch.where(a_new > 0, a_new, torch.ones_like(a_new))
+            w = torch.where(a_new > 0, f / safe, torch.ones_like(f))
+            diff = theta - mu
+            offset += (a * w * diff.square()).double().sum().cpu()
+            new_prec[n], new_anchor[n] = a_new, mu + w * diff
+        self.precision, self.anchor = new_prec, new_anchor
+        self.offset = offset if self.mode == "separate" else torch.zeros((), dtype=torch.float64)
+
+    # --- The penalty --------------------------------------------------------------------
+    def penalty(self) -> Tensor:
+        r"""Return ``(λ/2) [Σ_i A_i (θ_i − μ_i)² + c]``, differentiable in the parameters.
+
+        Equals ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²`` over the consolidated tasks (0 before the
+        first consolidation).
+        """
+        params = self._params()
+        if not self.precision:
+            p0 = next(iter(params.values()))
+            return p0.new_zeros(())
+        total = None
+        for n, a in self.precision.items():
+            term = (a * (params[n] - self.anchor[n]).square()).sum()
+            total = term if total is None else total + term
+        assert total is not None
+        return 0.5 * self.lam * (total + self.offset.to(total.device, total.dtype))
+
+    __call__ = penalty
+
+    @torch.no_grad()
+    def add_penalty_grad(self) -> None:
+        """Add the penalty's gradient ``λ A ⊙ (θ − μ)`` to each parameter's ``.grad``.
+
+        For training loops that cannot change the loss: call it after ``loss.backward()`` (after
+        AMP unscaling) and before the optimizer step. Gives the same update as adding
+        :meth:`penalty` to the loss.
+        """
+        params = self._params()
+        for n, a in self.precision.items():
+            p = params[n]
+            g = self.lam * a * (p - self.anchor[n])
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+
+    # --- State --------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        lik = self.likelihood
+        lik_desc = (
+            lik
+            if isinstance(lik, str)
+            else (lik.config() if isinstance(lik, Likelihood) else {"name": "custom"})
+        )
+        return {
+            "format": "ewc",
+            "format_version": FORMAT_VERSION,
+            "method": type(self).__name__,
+            "mode": self.mode,
+            "lam": self.lam,
+            "gamma": self.gamma,
+            "kind": self.kind,
+            "likelihood": lik_desc,
+            "tasks": self.tasks,
+            "num_tasks": self.num_tasks,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return ``{"tensors": {name: tensor}, "metadata": {...}}`` (JSON-serialisable metadata).
+
+        Tensor keys are ``precision.<param>``, ``anchor.<param>`` and ``offset``.
+        """
+        tensors: dict[str, Tensor] = {"offset": self.offset.clone()}
+        for n in self.precision:
+            tensors[f"precision.{n}"] = self.precision[n].detach().clone()
+            tensors[f"anchor.{n}"] = self.anchor[n].detach().clone()
+        return {"tensors": tensors, "metadata": self._metadata()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`, validated against the model.
+
+        Raises:
+            ValueError: naming the first mismatch (format, method, mode, parameter names,
+                shapes, dtypes, non-finite values); the object is unchanged on error.
+        """
+        from ._state import parse_state
+
+        parsed = parse_state(state, self)
+        (
+            self.lam,
+            self.gamma,
+            self.mode,
+            self.kind,
+            self.tasks,
+            self.precision,
+            self.anchor,
+            self.offset,
+        ) = parsed
+
+    def save(self, path: str) -> None:
+        """Write the state to ``path`` as safetensors with JSON metadata (never pickle)."""
+        from ._state import save_state
+
+        save_state(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module, **kwargs: Any) -> EWC:
+        """Create an object for ``model`` from a file written by :meth:`save`.
+
+        ``kwargs`` (e.g. ``likelihood=``) are passed to the constructor; λ, γ, mode and kind
+        come from the file.
+        """
+        from ._state import load_state
+
+        state = load_state(path)
+        meta = state["metadata"]
+        obj = cls._from_meta(model, meta, **kwargs)
+        obj.load_state_dict(state)
+        return obj
+
+    @classmethod
+    def _from_meta(cls, model: nn.Module, meta: Mapping[str, Any], **kwargs: Any) -> EWC:
+        try:
+            return cls(
+                model,
+                meta["lam"],
+                mode=meta["mode"],
+                gamma=meta["gamma"],
+                kind=meta["kind"],
+                **kwargs,
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"the EWC state's metadata is incomplete or malformed: {e}") from e
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, "
+            f"kind={self.kind!r}, tasks={self.num_tasks})"
+        )
+
+
+class L2(EWC):
+    """The paper's L2 baseline: EWC's interface with ``F = 1`` for every parameter.
+
+    ``consolidate()`` (no data needed) anchors at the current parameters; the penalty is
+    ``(λ/2) Σ_t ||θ − θ*_t||²``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float,
+        *,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, lam, mode=mode, gamma=gamma, **kwargs)
+
+    def consolidate(  # noqa: D102
+        self,
+        data: Iterable[Any] | None = None,
+        *,
+        fisher: Mapping[str, Tensor] | None = None,
+        **fisher_kwargs: Any,
+    ) -> Fisher:
+        if fisher is not None:
+            raise ValueError("L2 uses F = 1; it takes no fisher=")
+        names = self.precision or {n for n, p in self._params().items() if p.requires_grad}
+        params = self._params()
+        ones = Fisher({n: torch.ones_like(params[n]) for n in names}, kind="identity")
+        return super().consolidate(fisher=ones)
