@@ -95,13 +95,17 @@ def naive_fisher(
 
 
 def loader(x, y, batch_size):
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return [
+        (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)
+    ]
 
 
 def assert_fisher_close(got, want, rtol=1e-9, atol=1e-12):
     assert set(got) == set(want), (sorted(got), sorted(want))
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(
+            got[k], want[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
+        )
 
 
 # --- Small models covering every layer rule and the fallback ----------------------------

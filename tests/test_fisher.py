@@ -23,7 +23,9 @@ def test_fast_path_is_actually_used(monkeypatch):
     seen = []
     real = estimate._fallback
     monkeypatch.setattr(
-        estimate, "_fallback", lambda m, names, *a: (seen.append(sorted(names)), real(m, names, *a))[1]
+        estimate,
+        "_fallback",
+        lambda m, names, *a: (seen.append(sorted(names)), real(m, names, *a))[1],
     )
     for name in ["mlp", "seq_linear", "conv2d", "conv1d", "embedding"]:
         model, x, y = make_case(name)
@@ -38,7 +40,11 @@ def test_fast_path_is_actually_used(monkeypatch):
 def test_multi_sample_sampled_matches_naive():
     model, x, y = make_case("mlp")
     got = ewc.fisher_diagonal(
-        model, loader(x, y, 4), kind="sampled", mc_samples=3, generator=torch.Generator().manual_seed(1)
+        model,
+        loader(x, y, 4),
+        kind="sampled",
+        mc_samples=3,
+        generator=torch.Generator().manual_seed(1),
     )
     assert_fisher_close(got, naive_fisher(model, x, y, "sampled", seed=1, mc=3))
 
@@ -50,7 +56,11 @@ def test_gaussian_regression_matches_naive(kind):
     x, y = torch.randn(9, 3), torch.randn(9, 2)
     lik = ewc.Gaussian(sigma=0.7)
     got = ewc.fisher_diagonal(
-        model, loader(x, y, 4), kind=kind, likelihood=lik, generator=torch.Generator().manual_seed(2)
+        model,
+        loader(x, y, 4),
+        kind=kind,
+        likelihood=lik,
+        generator=torch.Generator().manual_seed(2),
     )
     want = naive_fisher(model, x, y, kind, likelihood="regression", sigma=0.7, seed=2)
     assert_fisher_close(got, want)
@@ -92,7 +102,9 @@ def test_sequence_outputs_sum_inside_the_square():
 def test_batch_size_independence(kind):
     model, x, y = make_case("conv2d", n=17)
     results = [
-        ewc.fisher_diagonal(model, loader(x, y, bs), kind=kind, generator=torch.Generator().manual_seed(5))
+        ewc.fisher_diagonal(
+            model, loader(x, y, bs), kind=kind, generator=torch.Generator().manual_seed(5)
+        )
         for bs in (1, 4, 17)
     ]
     for r in results[1:]:
@@ -133,7 +145,11 @@ def test_sampled_converges_to_exact():
 
     def rel_err(mc):
         s = ewc.fisher_diagonal(
-            model, [(x, y)], kind="sampled", mc_samples=mc, generator=torch.Generator().manual_seed(0)
+            model,
+            [(x, y)],
+            kind="sampled",
+            mc_samples=mc,
+            generator=torch.Generator().manual_seed(0),
         )
         num = sum(float((s[k] - exact[k]).abs().sum()) for k in exact)
         return num / exact.trace()

@@ -1,0 +1,196 @@
+import pytest
+import torch
+from conftest import loader, make_case
+from torch import nn
+
+import ewc
+
+
+def _random_fisher(model, gen, zero_frac=0.3):
+    out = {}
+    for n, p in model.named_parameters():
+        f = torch.rand(p.shape, generator=gen, dtype=p.dtype) * 3
+        f[torch.rand(p.shape, generator=gen) < zero_frac] = 0.0  # exact zeros are common
+        out[n] = f
+    return ewc.Fisher(out)
+
+
+def _per_task_sum(model, tasks, lam):
+    total = 0.0
+    for fisher, anchor in tasks:
+        for n, p in model.named_parameters():
+            total = total + (fisher[n] * (p - anchor[n]) ** 2).sum()
+    return 0.5 * lam * total
+
+
+def _set_random_params(model, gen, scale=1.0, center=0.0):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(center + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2, 3, 5, 10, 20])
+def test_merged_penalty_equals_per_task_sum(n_tasks):
+    gen = torch.Generator().manual_seed(n_tasks)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    reg = ewc.EWC(model, lam=3.5)
+    tasks = []
+    for _ in range(n_tasks):
+        _set_random_params(model, gen)
+        f = _random_fisher(model, gen)
+        reg.consolidate(fisher=f)
+        tasks.append((f, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    _set_random_params(model, gen)
+    got = reg.penalty()
+    want = _per_task_sum(model, tasks, 3.5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got, list(model.parameters()))
+    g_want = torch.autograd.grad(want, list(model.parameters()))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    # constant memory: two tensors per parameter whatever the number of tasks
+    assert len(reg.state_dict()["tensors"]) == 2 * len(list(model.parameters())) + 1
+    assert reg.num_tasks == n_tasks
+
+
+def test_merged_penalty_is_numerically_sound_in_float32():
+    """Anchors near 1 with spreads of 1e-2, stored in float32.
+
+    The merged form keeps (A, μ) and adds a non-negative offset; the textbook expansion
+    A θ² − 2 B θ + C subtracts large nearly equal numbers and loses most digits.
+    """
+    gen = torch.Generator().manual_seed(0)
+    model64 = nn.Linear(30, 20).double()
+    model32 = nn.Linear(30, 20).float()
+    r32 = ewc.EWC(model32, lam=1.0)
+    tasks = []
+    a_sum = b_sum = c_sum = 0.0
+    for _ in range(20):
+        _set_random_params(model64, gen, scale=1e-2, center=1.0)
+        model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+        f = _random_fisher(model64, gen)
+        r32.consolidate(fisher=f.to(torch.float32))
+        anchor = {n: p.detach().clone() for n, p in model32.named_parameters()}
+        tasks.append((f, {n: a.double() for n, a in anchor.items()}))
+        f32 = f.to(torch.float32)
+        a_sum = a_sum + f32["weight"]
+        b_sum = b_sum + f32["weight"] * anchor["weight"]
+        c_sum = c_sum + (f32["weight"] * anchor["weight"] ** 2).sum()
+    _set_random_params(model64, gen, scale=1e-2, center=1.0)
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    model64.load_state_dict({k: v.double() for k, v in model32.state_dict().items()})
+    want = _per_task_sum(model64, tasks, 1.0)
+    got = r32.penalty()
+    assert got.dtype == torch.float32
+    err = abs(float(got) - float(want)) / float(want)
+    assert err < 1e-4
+    g32 = torch.autograd.grad(got, list(model32.parameters()))
+    g64 = torch.autograd.grad(want, list(model64.parameters()))
+    for a, b in zip(g32, g64, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+    # the expanded form on the weight alone, against the exact weight part
+    w = model32.weight.detach()
+    naive = 0.5 * float((a_sum * w**2).sum() - 2 * (b_sum * w).sum() + c_sum)
+    exact_w = 0.5 * sum(
+        float((f["weight"] * (model64.weight - a["weight"]) ** 2).sum()) for f, a in tasks
+    )
+    assert abs(naive - exact_w) / exact_w > 100 * err
+
+
+def test_online_recurrence():
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Linear(3, 2)
+    reg = ewc.EWC(model, lam=2.0, mode="online", gamma=0.5)
+    fs, anchors = [], []
+    for _ in range(3):
+        _set_random_params(model, gen)
+        f = _random_fisher(model, gen)
+        reg.consolidate(fisher=f)
+        fs.append(f)
+        anchors.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    expected = 0.5 * (0.5 * fs[0] + fs[1]) + fs[2]
+    for n in expected:
+        torch.testing.assert_close(reg.precision[n], expected[n], rtol=1e-14, atol=0)
+        assert torch.equal(reg.anchor[n], anchors[-1][n])
+    _set_random_params(model, gen)
+    want = (
+        0.5
+        * 2.0
+        * sum((expected[n] * (p - anchors[-1][n]) ** 2).sum() for n, p in model.named_parameters())
+    )
+    torch.testing.assert_close(reg.penalty(), want, rtol=1e-12, atol=0)
+
+
+def test_online_with_gamma_one_accumulates_fishers():
+    gen = torch.Generator().manual_seed(2)
+    model = nn.Linear(3, 2)
+    reg = ewc.EWC(model, lam=1.0, mode="online")
+    f1, f2 = _random_fisher(model, gen), _random_fisher(model, gen)
+    reg.consolidate(fisher=f1)
+    reg.consolidate(fisher=f2)
+    for n in f1:
+        torch.testing.assert_close(reg.precision[n], f1[n] + f2[n])
+
+
+def test_l2_penalty():
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Linear(3, 2)
+    reg = ewc.L2(model, lam=0.7)
+    anchors = []
+    for _ in range(3):
+        _set_random_params(model, gen)
+        reg.consolidate()
+        anchors.append([p.detach().clone() for p in model.parameters()])
+    _set_random_params(model, gen)
+    want = (
+        0.5
+        * 0.7
+        * sum(
+            ((p - a) ** 2).sum()
+            for an in anchors
+            for p, a in zip(model.parameters(), an, strict=True)
+        )
+    )
+    torch.testing.assert_close(reg.penalty(), want, rtol=1e-12, atol=0)
+
+
+def test_penalty_is_zero_before_consolidation_and_at_the_anchor():
+    model, x, y = make_case("mlp")
+    reg = ewc.EWC(model, lam=10.0)
+    assert float(reg.penalty()) == 0.0
+    f = reg.consolidate(loader(x, y, 4), kind="exact")
+    assert f.kind == "exact" and f.n_samples == x.shape[0]
+    assert float(reg.penalty()) == 0.0
+    with torch.no_grad():
+        model[0].weight[0, 0] += 0.1
+    want = 0.5 * 10.0 * float(f["0.weight"][0, 0]) * 0.1**2
+    assert float(reg.penalty()) == pytest.approx(want, rel=1e-6)
+
+
+def test_gradient_injection_equals_penalty_gradient():
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    reg = ewc.EWC(model, lam=1.3)
+    for _ in range(3):
+        _set_random_params(model, gen)
+        reg.consolidate(fisher=_random_fisher(model, gen))
+    _set_random_params(model, gen)
+    x = torch.randn(5, 3, generator=gen)
+    model.zero_grad()
+    (model(x).sum() + reg.penalty()).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    reg.add_penalty_grad()  # .grad is None: it is created
+    model(x).sum().backward()
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-14)
+
+
+def test_consolidate_estimates_at_current_parameters():
+    model, x, y = make_case("conv1d")
+    reg = ewc.EWC(model, lam=1.0, kind="empirical")
+    f = reg.consolidate(loader(x, y, 5))
+    direct = ewc.fisher_diagonal(model, loader(x, y, 3), kind="empirical")
+    for n in f:
+        torch.testing.assert_close(f[n], direct[n])
+        assert torch.equal(reg.anchor[n], dict(model.named_parameters())[n].detach())
