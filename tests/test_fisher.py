@@ -232,3 +232,18 @@ def test_fisher_arithmetic():
         a + ewc.Fisher({"v": torch.ones(2)})
     with pytest.raises(ValueError, match="shape"):
         a + ewc.Fisher({"w": torch.ones(3)})
+
+
+def test_softmax_factor_is_exact_and_rank_c_minus_1():
+    from ewc.likelihoods import _softmax_fisher_factor
+
+    torch.manual_seed(0)
+    for c in (2, 3, 10):
+        logits = torch.randn(7, 4, c) * 3
+        logits[0, 0, 0] = 40.0  # a nearly one-hot row
+        p = torch.softmax(logits, -1)
+        s = _softmax_fisher_factor(p)
+        assert s.shape == (c - 1, 7, 4, c)
+        got = torch.einsum("k...i,k...j->...ij", s, s)
+        want = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

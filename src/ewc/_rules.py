@@ -29,7 +29,7 @@ from torch import Tensor, nn
 Rule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
 
 # Per-sample gradients are materialised in chunks of at most this many elements.
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _wants(module: nn.Module, name: str) -> bool:
@@ -42,41 +42,59 @@ def _sq_sum(per_sample: Tensor) -> Tensor:
     return per_sample.square().sum(0)
 
 
-def _chunked_outer_sq(gg: Tensor, a: Tensor) -> Tensor:
-    r"""``Σ_b (gg[b]ᵀ a[b])²`` for ``gg: (B, T, O)``, ``a: (B, T, I)``, chunked over ``B``."""
-    b, _, o = gg.shape
+def _chunk(n: int, per_sample: int) -> int:
+    """Return samples per chunk so that a chunk's per-sample tensors hold ``_CHUNK_ELEMENTS``."""
+    return max(1, min(n, _CHUNK_ELEMENTS // max(1, per_sample)))
+
+
+def _outer_sq(g: Tensor, a: Tensor) -> Tensor:
+    r"""``Σ_k Σ_n (g[k, n]ᵀ a[n])²`` for ``g: (K, N, T, O)`` and ``a: (N, T, I)``.
+
+    One ``bmm`` per chunk of samples, with the ``K`` columns stacked as rows so the input is
+    never repeated: ``(n, K·O, T) @ (n, T, I)``.
+    """
+    k, n, _, o = g.shape
     i = a.shape[-1]
-    step = max(1, _CHUNK_ELEMENTS // max(1, o * i))
-    out = gg.new_zeros(o, i)
-    for s in range(0, b, step):
-        per_sample = torch.bmm(gg[s : s + step].transpose(1, 2), a[s : s + step])
-        out += _sq_sum(per_sample)
+    gt = g.permute(1, 0, 3, 2).reshape(n, k * o, -1)  # (N, K·O, T)
+    out = g.new_zeros(o, i)
+    step = _chunk(n, k * o * i)
+    for s in range(0, n, step):
+        per_sample = torch.bmm(gt[s : s + step], a[s : s + step])  # (n, K·O, I)
+        out += per_sample.reshape(-1, o, i).square().sum(0)
     return out
-
-
-def _expand_k(x: Tensor, k: int) -> Tensor:
-    """Repeat the batch input for each of the ``k`` columns: ``(N, ...) -> (K*N, ...)``."""
-    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
 
 
 # --- Linear -----------------------------------------------------------------------------
 def linear(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
     """``nn.Linear`` on ``(N, in)`` or ``(N, *positions, in)`` inputs."""
     k, n = g.shape[:2]
-    out: dict[str, Tensor] = {}
     if x.dim() == 2:
-        g2 = g.square().sum(0)  # (N, out): Σ_k g², the square factorises
-        if _wants(module, "weight"):
-            out["weight"] = g2.transpose(0, 1) @ x.square()
-        if _wants(module, "bias"):
-            out["bias"] = g2.sum(0)
-        return out
-    gg = g.reshape(k * n, -1, g.shape[-1])
+        return linear_from_sq(module, x, g[0].square() if k == 1 else g.square().sum(0))
+    out: dict[str, Tensor] = {}
+    gg = g.reshape(k, n, -1, g.shape[-1])  # (K, N, T, out)
     if _wants(module, "weight"):
-        a = _expand_k(x.reshape(n, -1, x.shape[-1]), k)
-        out["weight"] = _chunked_outer_sq(gg, a)
+        out["weight"] = _outer_sq(gg, x.reshape(n, -1, x.shape[-1]))
     if _wants(module, "bias"):
-        out["bias"] = _sq_sum(gg.sum(1))
+        out["bias"] = _sq_sum(gg.sum(2).reshape(k * n, -1))
+    return out
+
+
+def factorises(module: nn.Module, x: Tensor) -> bool:
+    """Whether the layer's rule only needs ``Σ_k g_k²`` (see :func:`linear_from_sq`)."""
+    return type(module) is nn.Linear and x.dim() == 2
+
+
+def linear_from_sq(module: nn.Module, x: Tensor, g2: Tensor) -> dict[str, Tensor]:
+    """``nn.Linear`` on ``(N, in)`` from ``g2 = Σ_k g_k²`` of shape ``(N, out)``.
+
+    The per-sample gradient is the outer product ``g_kn a_nᵀ``, so its square is
+    ``g_kn² (a_n²)ᵀ`` and the sum over samples and columns is one matmul ``g2ᵀ (x²)``.
+    """
+    out: dict[str, Tensor] = {}
+    if _wants(module, "weight"):
+        out["weight"] = g2.transpose(0, 1) @ x.square()
+    if _wants(module, "bias"):
+        out["bias"] = g2.sum(0)
     return out
 
 
@@ -96,33 +114,49 @@ def _conv_padding(module: nn.Module, x: Tensor, spatial: int) -> tuple[Tensor, t
 
 
 def conv(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """``nn.Conv1d`` / ``nn.Conv2d`` (zero padding, any stride, dilation and groups)."""
+    """``nn.Conv1d`` / ``nn.Conv2d`` (zero padding, any stride, dilation and groups).
+
+    Per-sample weight gradients come from the convolution's own weight-gradient kernel run as a
+    grouped convolution with one group per (sample, layer group): the ``K`` columns are stacked
+    as extra output channels of each sample's group, so the input is never repeated.
+    """
     k, n = g.shape[:2]
     spatial = x.dim() - 2
     x, padding = _conv_padding(module, x, spatial)
-    ks, dil, stride = module.kernel_size, module.dilation, module.stride
-    if spatial == 1:  # treat as 2D with height 1
-        x = x.unsqueeze(2)
-        ks, dil, stride, padding = (1, *ks), (1, *dil), (1, *stride), (0, *padding)
-    cols = F.unfold(x, ks, dilation=dil, padding=padding, stride=stride)  # (N, Cin*kk, L)
-    c_out = g.shape[2]
-    gg = g.reshape(k * n, c_out, -1)  # (KN, Cout, L)
     out: dict[str, Tensor] = {}
+    c_out = g.shape[2]
     if _wants(module, "weight"):
+        w = module.weight
         groups = module.groups
-        if groups == 1:
-            w = _chunked_outer_sq(gg.transpose(1, 2), _expand_k(cols.transpose(1, 2), k))
-        else:
-            cg = cols.reshape(n, groups, -1, cols.shape[-1])
-            gq = gg.reshape(k * n, groups, c_out // groups, -1)
-            parts = []
-            for j in range(groups):
-                a = _expand_k(cg[:, j].transpose(1, 2), k)
-                parts.append(_chunked_outer_sq(gq[:, j].transpose(1, 2), a))
-            w = torch.cat(parts, 0)
-        out["weight"] = w.reshape(module.weight.shape)
+        c_in = x.shape[1]
+        per_group = c_out // groups
+        # (K, N, Cout, *S) -> (N, G, K, Cout/G, *S)
+        gs = g.reshape(k, n, groups, per_group, *g.shape[3:]).movedim(0, 2)
+        acc = g.new_zeros(groups, per_group, *w.shape[1:])
+        step = _chunk(n, k * w.numel())
+        for s in range(0, n, step):
+            m = min(step, n - s)
+            go = gs[s : s + m].reshape(1, m * groups * k * per_group, *g.shape[3:])
+            xi = x[s : s + m].reshape(1, m * c_in, *x.shape[2:])
+            wshape = (m * groups * k * per_group, *w.shape[1:])
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                go,
+                xi,
+                w.new_empty(1).expand(wshape),
+                None,
+                module.stride,
+                padding,
+                module.dilation,
+                False,
+                (0,) * spatial,
+                m * groups,
+                (False, True, False),
+            )
+            gw = gw.reshape(m, groups, k, per_group, *w.shape[1:])
+            acc += gw.square().sum((0, 2))
+        out["weight"] = acc.reshape(w.shape)
     if _wants(module, "bias"):
-        out["bias"] = _sq_sum(gg.sum(2))
+        out["bias"] = _sq_sum(g.reshape(k * n, c_out, -1).sum(2))
     return out
 
 

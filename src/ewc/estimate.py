@@ -96,24 +96,69 @@ def _partition(
 
 
 # --- Back-propagation of the factor columns ---------------------------------------------
-def _backprop(z: Tensor, outs: list[Tensor], s: Tensor, retain: bool) -> list[Tensor]:
-    """Gradients of ``<s_k, z>`` with respect to ``outs``, each of shape ``(K, *out.shape)``."""
+def _accumulate_fast(
+    fast: dict[str, nn.Module],
+    records: dict[str, list[tuple[Tensor, Tensor, int]]],
+    z: Tensor,
+    s: Tensor,
+    batched: bool,
+    sums: dict[str, Tensor],
+) -> bool:
+    """Back-propagate the columns of ``s`` to the fast layers and add their closed forms.
+
+    With several columns and ``batched`` the backward pass is vmapped over them
+    (``is_grads_batched``). Otherwise it runs one backward pass per column and applies the
+    rules column by column, so only one column's gradients are held at a time; layers whose
+    rule only needs ``Σ_k g_k²`` (Linear on 2-D inputs) accumulate that and do one matmul.
+    Returns whether to keep batching.
+    """
+    names = list(fast)
+    outs = [records[n][0][1] for n in names]
+    xs = [records[n][0][0] for n in names]
     k = s.shape[0]
-    if k == 1:
-        gs = torch.autograd.grad(z, outs, s[0], retain_graph=retain, allow_unused=True)
-        return [_zeros_if_none(g, o).unsqueeze(0) for g, o in zip(gs, outs, strict=True)]
-    try:
-        gs = torch.autograd.grad(
-            z, outs, s, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-        res = [_zeros_if_none(g, o, k) for g, o in zip(gs, outs, strict=True)]
-    except RuntimeError:  # an op without a batching rule: one backward per column
-        cols = [
-            torch.autograd.grad(z, outs, s[j], retain_graph=True, allow_unused=True)
-            for j in range(k)
-        ]
-        res = [torch.stack([_zeros_if_none(c[i], o) for c in cols]) for i, o in enumerate(outs)]
-    return res
+
+    def add(name: str, vals: dict[str, Tensor]) -> None:
+        for pname, val in vals.items():
+            full = f"{name}.{pname}" if name else pname
+            sums[full] += val.to(sums[full].dtype)
+
+    if k > 1 and batched:
+        try:
+            gs = torch.autograd.grad(
+                z, outs, s, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except RuntimeError:  # an op that vmap cannot handle: per-column passes from now on
+            batched = False
+        else:
+            for name, x, o, g in zip(names, xs, outs, gs, strict=True):
+                add(name, _rule(fast[name])(fast[name], x, _zeros_if_none(g, o, k)))
+            return True
+    squares: dict[str, Tensor] = {}
+    for j in range(k):
+        gs = torch.autograd.grad(z, outs, s[j], retain_graph=j < k - 1, allow_unused=True)
+        for name, x, o, g in zip(names, xs, outs, gs, strict=True):
+            module = fast[name]
+            g = _zeros_if_none(g, o)
+            if _rules.factorises(module, x):
+                squares[name] = g.square() if j == 0 else squares[name].addcmul_(g, g)
+            else:
+                add(name, _rule(module)(module, x, g.unsqueeze(0)))
+    for name, g2 in squares.items():
+        add(name, _rules.linear_from_sq(fast[name], records[name][0][0], g2))
+    return batched
+
+
+def _rule(module: nn.Module) -> _rules.Rule:
+    rule = _rules.rule_for(module)
+    assert rule is not None
+    return rule
+
+
+# Leaf modules whose backward ops have real batching rules for ``is_grads_batched``
+# (measured: most others, e.g. pooling, tanh/GELU and convolution backward, are looped one
+# column at a time inside vmap and then concatenated, which is slower than plain per-column
+# backward passes).
+_BATCH_FRIENDLY = (nn.Linear, nn.ReLU, nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
 
 
 def _zeros_if_none(g: Tensor | None, like: Tensor, k: int | None = None) -> Tensor:
@@ -277,6 +322,7 @@ def _estimate(
         n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in trainable.items()
     }
     clone = False
+    batched = all(isinstance(m, _BATCH_FRIENDLY) for m in model.modules() if not list(m.children()))
     seen = 0
     iterator: Iterable[Any] = data
     if progress:
@@ -328,17 +374,7 @@ def _estimate(
         lik.check(z, targets, kind)
         s = lik.factor(z.detach(), targets, kind, mc_samples=mc_samples, generator=generator)
         if fast:
-            names = list(fast)
-            outs = [capture.records[n][0][1] for n in names]
-            grads = _backprop(z, outs, s, retain=False)
-            for name, g in zip(names, grads, strict=True):
-                module = fast[name]
-                x = capture.records[name][0][0]
-                rule = _rules.rule_for(module)
-                assert rule is not None
-                for pname, val in rule(module, x, g.detach()).items():
-                    full = f"{name}.{pname}" if name else pname
-                    sums[full] += val.to(sums[full].dtype)
+            batched = _accumulate_fast(fast, capture.records, z, s, batched, sums)
         del capture, z
         if rest:
             for n, val in _fallback(model, rest, inputs, s).items():

@@ -116,17 +116,15 @@ class Categorical(Likelihood):
         p = torch.softmax(outputs, dim=-1)
         n_classes = p.shape[-1]
         if kind == "exact":
-            eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
-            # cols[c] = sqrt(p_c) * (p - e_c), shape (C, *outputs.shape)
-            cols = p.sqrt().movedim(-1, 0).unsqueeze(-1) * (p.unsqueeze(0) - _bcast(eye, p))
+            cols = _softmax_fisher_factor(p)  # (C-1, *outputs.shape)
             positions = math.prod(p.shape[1:-1])
             if positions == 1:
                 return cols
             # one column per (position, class): only that position is non-zero
             mask = torch.eye(positions, dtype=p.dtype, device=p.device)
             mask = mask.reshape(positions, 1, 1, *p.shape[1:-1], 1)
-            out = cols.unsqueeze(0) * mask  # (P, C, N, ..., C)
-            return out.reshape(positions * n_classes, *p.shape)
+            out = cols.unsqueeze(0) * mask  # (P, C-1, N, ..., C)
+            return out.reshape(positions * cols.shape[0], *p.shape)
         if kind == "empirical":
             assert targets is not None
             onehot = torch.nn.functional.one_hot(targets.long(), n_classes).to(p.dtype)
@@ -140,10 +138,30 @@ class Categorical(Likelihood):
         return grads.movedim(-2, 0) / math.sqrt(mc_samples)
 
 
-def _bcast(eye: Tensor, p: Tensor) -> Tensor:
-    """Reshape the ``(C, C)`` identity to broadcast against ``(C, *p.shape)``."""
-    n_classes = eye.shape[0]
-    return eye.reshape(n_classes, *([1] * (p.dim() - 1)), n_classes)
+def _softmax_fisher_factor(p: Tensor) -> Tensor:
+    r"""Return an exact rank-``(C−1)`` factor of ``diag(p) − p pᵀ`` (batched over leading dims).
+
+    With ``q = √p`` (a unit vector), ``diag(p) − p pᵀ = diag(q) (I − q qᵀ) diag(q)``, and
+    ``I − q qᵀ = V Vᵀ`` for the ``C − 1`` columns ``V`` of the Householder reflection ``Q`` that
+    maps ``q`` to a multiple of ``e_r`` (all columns but ``r``, since ``Q e_r = ±q``). Taking
+    ``r = argmax q`` keeps the reflection well conditioned. Returns ``diag(q) V`` as
+    ``(C − 1, *p.shape)``: one column fewer to back-propagate than ``√p_c (p − e_c)``.
+    """
+    n_classes = p.shape[-1]
+    if n_classes == 1:
+        return p.new_zeros(0, *p.shape)
+    q = p.clamp_min(0).sqrt()
+    q = q / q.norm(dim=-1, keepdim=True)  # guard against rounding in softmax
+    r = q.argmax(-1, keepdim=True)  # (..., 1)
+    q_r = q.gather(-1, r)
+    w = q.scatter_add(-1, r, torch.ones_like(q_r))  # q + e_r  (q_r > 0: no cancellation)
+    # Q = I - 2 w wᵀ / (wᵀw); wᵀw = 2 (1 + q_r)
+    eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
+    big_q = eye - (w.unsqueeze(-1) * w.unsqueeze(-2)) / (1.0 + q_r).unsqueeze(-1)
+    keep = torch.arange(n_classes - 1, device=p.device)
+    keep = keep + (keep >= r).long()  # (..., C-1): every column but r
+    cols = big_q.gather(-1, keep.unsqueeze(-2).expand(*p.shape, n_classes - 1))
+    return (q.unsqueeze(-1) * cols).movedim(-1, 0)
 
 
 class Gaussian(Likelihood):

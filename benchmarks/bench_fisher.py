@@ -1,0 +1,249 @@
+"""Fisher and penalty cost as ratios to one ordinary forward+backward pass over the same data.
+
+Every figure is a ratio measured side by side in one run: each round times the baseline (one
+batched forward+backward pass of the mean cross-entropy over all the data, batch 256) right
+before the method, and the table reports the median ratio over rounds. Competitors (BackPACK,
+nngeometry) are timed when importable; install them with ``pip install --no-deps
+backpack-for-pytorch einops unfoldNd nngeometry`` (their torchvision requirement must not come
+in).
+
+Usage::
+
+    python benchmarks/bench_fisher.py [--rounds 5] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import ewc
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10)
+    )
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 12 * 12, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+def _timeit(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _ratio(base: Callable[[], object], fn: Callable[[], object], rounds: int) -> float:
+    fn()  # warm-up
+    ratios = []
+    for _ in range(rounds):
+        tb = _timeit(base)
+        ratios.append(_timeit(fn) / tb)
+    return statistics.median(ratios)
+
+
+# --- Competitors ------------------------------------------------------------------------
+def naive_loop(model, data, n_max=None):
+    """Per-sample forward+backward with the data's labels (empirical), batch size 1."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = [torch.zeros_like(p) for p in params]
+    model.eval()
+    seen = 0
+    for xb, yb in data:
+        for i in range(xb.shape[0]):
+            loss = nn.functional.cross_entropy(model(xb[i : i + 1]), yb[i : i + 1])
+            for a, g in zip(acc, torch.autograd.grad(loss, params), strict=True):
+                a += g.square()
+            seen += 1
+            if n_max is not None and seen >= n_max:
+                return acc
+    return acc
+
+
+def func_vmap(model, data):
+    """torch.func: vmap(grad) per-sample gradients of the loss, squared and summed."""
+    from torch.func import functional_call, grad, vmap
+
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    acc = {k: torch.zeros_like(v) for k, v in params.items()}
+
+    def loss(p, x, y):
+        out = functional_call(model, p, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    for xb, yb in data:
+        for k, g in per_sample(params, xb, yb).items():
+            acc[k] += g.square().sum(0)
+    return acc
+
+
+def backpack_fn(model, data, ext_name):
+    from backpack import backpack, extend, extensions
+
+    m = extend(copy.deepcopy(model).eval())
+    lossf = extend(nn.CrossEntropyLoss(reduction="sum"))
+    ext = {
+        "SumGradSquared": (extensions.SumGradSquared, "sum_grad_squared"),
+        "DiagGGNMC": (extensions.DiagGGNMC, "diag_ggn_mc"),
+        "DiagGGNExact": (extensions.DiagGGNExact, "diag_ggn_exact"),
+    }[ext_name]
+
+    def run():
+        acc = [torch.zeros_like(p) for p in m.parameters()]
+        for xb, yb in data:
+            m.zero_grad()
+            loss = lossf(m(xb), yb)
+            with backpack(ext[0]()):
+                loss.backward()
+            for a, p in zip(acc, m.parameters(), strict=True):
+                a += getattr(p, ext[1])
+        return acc
+
+    return run
+
+
+def nngeometry_fn(model, data, variant):
+    from nngeometry.metrics import FIM, FIM_MonteCarlo
+    from nngeometry.object import PMatDiag
+
+    xs = torch.cat([x for x, _ in data])
+    ys = torch.cat([y for _, y in data])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=256)
+    model.eval()
+    if variant == "exact":
+        return lambda: FIM(model, loader, PMatDiag, variant="classif_logits").get_diag()
+    return lambda: FIM_MonteCarlo(model, loader, PMatDiag, variant="classif_logits").get_diag()
+
+
+def _available(mod: str) -> bool:
+    try:
+        __import__(mod)
+        return True
+    except Exception:
+        return False
+
+
+# --- Fisher table -----------------------------------------------------------------------
+def fisher_rows(name, model, n, shape, rounds, quick):
+    torch.manual_seed(0)
+    x, y = torch.randn(n, *shape), torch.randint(0, 10, (n,))
+    data = [(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)]
+
+    def base():
+        model.train()
+        for xb, yb in data:
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(xb), yb).backward()
+
+    rows = []
+
+    def add(method, kind, fn, r=rounds, note=""):
+        ratio = _ratio(base, fn, r)
+        rows.append({"model": name, "N": n, "kind": kind, "method": method, "ratio": ratio,
+                     "note": note})
+        print(f"  {name:4s} {kind:9s} {method:28s} {ratio:8.2f}x {note}", flush=True)
+
+    for kind in ["sampled", "empirical", "exact"]:
+        add("ewc", kind, lambda k=kind: ewc.fisher_diagonal(model, data, kind=k))
+    if _available("backpack"):
+        add("BackPACK DiagGGNMC", "sampled", backpack_fn(model, data, "DiagGGNMC"))
+        add("BackPACK SumGradSquared", "empirical", backpack_fn(model, data, "SumGradSquared"))
+        add("BackPACK DiagGGNExact", "exact", backpack_fn(model, data, "DiagGGNExact"))
+    if _available("nngeometry"):
+        add("nngeometry FIM_MonteCarlo", "sampled", nngeometry_fn(model, data, "sampled"))
+        add("nngeometry FIM", "exact", nngeometry_fn(model, data, "exact"))
+    add("torch.func vmap", "empirical", lambda: func_vmap(model, data), r=max(1, rounds // 2))
+    n_naive = min(n, 500 if quick else 2000)
+    t_naive = _timeit(lambda: naive_loop(model, data, n_naive)) * n / n_naive
+    t_base = statistics.median(_timeit(base) for _ in range(3))
+    note = f"(timed on {n_naive} samples, scaled to N)" if n_naive < n else ""
+    rows.append({"model": name, "N": n, "kind": "empirical", "method": "naive per-sample loop",
+                 "ratio": t_naive / t_base, "note": note})
+    print(f"  {name:4s} empirical naive per-sample loop        {t_naive / t_base:8.2f}x {note}")
+    return rows
+
+
+# --- Penalty training step --------------------------------------------------------------
+def penalty_rows(rounds):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+    steps = 20
+
+    def step(reg=None, inject=False):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            if reg is not None and not inject:
+                loss = loss + reg.penalty()
+            loss.backward()
+            if inject:
+                reg.add_penalty_grad()
+            opt.step()
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    reg = ewc.EWC(model, lam=1.0)
+    done = 0
+    for n_tasks in (1, 10, 100):
+        while done < n_tasks:
+            f = {k: torch.rand(p.shape, generator=gen) for k, p in model.named_parameters()}
+            reg.consolidate(fisher=f)
+            done += 1
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s.safetensors")
+            reg.save(path)
+            size = os.path.getsize(path)
+        for form, inject in (("penalty()", False), ("add_penalty_grad()", True)):
+            ratio = _ratio(step, lambda inj=inject: step(reg, inj), rounds)
+            rows.append({"tasks": n_tasks, "form": form, "ratio": ratio, "state_bytes": size})
+            print(f"  tasks={n_tasks:3d} {form:20s} {ratio:6.3f}x  state file {size} bytes")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="smaller N, fewer rounds")
+    ap.add_argument("--json", help="write the rows to this file")
+    args = ap.parse_args()
+    rounds = 2 if args.quick else args.rounds
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    rows = fisher_rows("MLP", mlp(), 2000 if args.quick else 10000, (784,), rounds, args.quick)
+    rows += fisher_rows("CNN", cnn(), 500 if args.quick else 2000, (1, 28, 28), rounds,
+                        args.quick)
+    prow = penalty_rows(rounds)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"fisher": rows, "penalty": prow, "torch": torch.__version__}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
