@@ -12,8 +12,9 @@ the data; for ``kind="exact"`` the columns factor the output-space Fisher exactl
 is ``(1/N) Σ_n E_{y~p(·|x_n)}[(∂ log p(y|x_n)/∂θ)²]``.
 
 How it is computed: one forward pass per batch with hooks on the layers that have a closed form
-(:mod:`ewc._rules`), one backward pass from the outputs to those layers' outputs (batched over
-the columns for ``"exact"``), and the closed-form sum of squared per-sample gradients per layer.
+(:mod:`ewc._rules`), one backward pass from the outputs to those layers' outputs (one per factor
+column: ``C − 1`` for the exact softmax Fisher), and the closed-form sum of squared per-sample
+gradients per layer.
 Parameters of any other module go through a generic per-sample ``torch.func`` path.
 """
 
@@ -101,20 +102,18 @@ def _accumulate_fast(
     records: dict[str, list[tuple[Tensor, Tensor, int]]],
     z: Tensor,
     s: Tensor,
-    batched: bool,
     sums: dict[str, Tensor],
-) -> bool:
+) -> None:
     """Back-propagate the columns of ``s`` to the fast layers and add their closed forms.
 
-    With several columns and ``batched`` the backward pass is vmapped over them
-    (``is_grads_batched``). Otherwise it runs one backward pass per column and applies the
-    rules column by column, so only one column's gradients are held at a time; layers whose
+    One backward pass per column (only to the layers' outputs: no weight gradients), the rules
+    applied column by column so only one column's gradients are held at a time. Layers whose
     rule only needs ``Σ_k g_k²`` (Linear on 2-D inputs) accumulate that and do one matmul.
-    Returns whether to keep batching.
+    (A vmapped backward over the columns, ``is_grads_batched``, measured no faster here: most
+    backward ops have no batching rule and are looped inside vmap anyway.)
     """
     names = list(fast)
     outs = [records[n][0][1] for n in names]
-    xs = [records[n][0][0] for n in names]
     k = s.shape[0]
 
     def add(name: str, vals: dict[str, Tensor]) -> None:
@@ -122,49 +121,24 @@ def _accumulate_fast(
             full = f"{name}.{pname}" if name else pname
             sums[full] += val.to(sums[full].dtype)
 
-    if k > 1 and batched:
-        try:
-            gs = torch.autograd.grad(
-                z, outs, s, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-        except RuntimeError:  # an op that vmap cannot handle: per-column passes from now on
-            batched = False
-        else:
-            for name, x, o, g in zip(names, xs, outs, gs, strict=True):
-                add(name, _rule(fast[name])(fast[name], x, _zeros_if_none(g, o, k)))
-            return True
     squares: dict[str, Tensor] = {}
     for j in range(k):
         gs = torch.autograd.grad(z, outs, s[j], retain_graph=j < k - 1, allow_unused=True)
-        for name, x, o, g in zip(names, xs, outs, gs, strict=True):
-            module = fast[name]
-            g = _zeros_if_none(g, o)
+        for name, o, g in zip(names, outs, gs, strict=True):
+            module, x = fast[name], records[name][0][0]
+            g = o.new_zeros(o.shape) if g is None else g
             if _rules.factorises(module, x):
                 squares[name] = g.square() if j == 0 else squares[name].addcmul_(g, g)
             else:
                 add(name, _rule(module)(module, x, g.unsqueeze(0)))
     for name, g2 in squares.items():
         add(name, _rules.linear_from_sq(fast[name], records[name][0][0], g2))
-    return batched
 
 
 def _rule(module: nn.Module) -> _rules.Rule:
     rule = _rules.rule_for(module)
     assert rule is not None
     return rule
-
-
-# Leaf modules whose backward ops have real batching rules for ``is_grads_batched``
-# (measured: most others, e.g. pooling, tanh/GELU and convolution backward, are looped one
-# column at a time inside vmap and then concatenated, which is slower than plain per-column
-# backward passes).
-_BATCH_FRIENDLY = (nn.Linear, nn.ReLU, nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
-
-
-def _zeros_if_none(g: Tensor | None, like: Tensor, k: int | None = None) -> Tensor:
-    if g is not None:
-        return g
-    return like.new_zeros(like.shape if k is None else (k, *like.shape))
 
 
 # --- Generic fallback: per-sample gradients with torch.func ------------------------------
@@ -322,7 +296,6 @@ def _estimate(
         n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in trainable.items()
     }
     clone = False
-    batched = all(isinstance(m, _BATCH_FRIENDLY) for m in model.modules() if not list(m.children()))
     seen = 0
     iterator: Iterable[Any] = data
     if progress:
@@ -374,7 +347,7 @@ def _estimate(
         lik.check(z, targets, kind)
         s = lik.factor(z.detach(), targets, kind, mc_samples=mc_samples, generator=generator)
         if fast:
-            batched = _accumulate_fast(fast, capture.records, z, s, batched, sums)
+            _accumulate_fast(fast, capture.records, z, s, sums)
         del capture, z
         if rest:
             for n, val in _fallback(model, rest, inputs, s).items():
