@@ -203,22 +203,31 @@ class EWC:
         self.offset = offset if self.mode == "separate" else torch.zeros((), dtype=torch.float64)
 
     # --- The penalty --------------------------------------------------------------------
+    def _operands(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Return parameters, precisions and anchors as aligned lists.
+
+        The stored tensors follow the parameters if the model moved to another device.
+        """
+        params = self._params()
+        names = list(self.precision)
+        ps = [params[n] for n in names]
+        for n, p in zip(names, ps, strict=True):
+            if self.precision[n].device != p.device:
+                self.precision[n] = self.precision[n].to(p.device)
+                self.anchor[n] = self.anchor[n].to(p.device)
+        return ps, [self.precision[n] for n in names], [self.anchor[n] for n in names]
+
     def penalty(self) -> Tensor:
         r"""Return ``(λ/2) [Σ_i A_i (θ_i − μ_i)² + c]``, differentiable in the parameters.
 
         Equals ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²`` over the consolidated tasks (0 before the
-        first consolidation).
+        first consolidation). The backward pass reuses ``A ⊙ (θ − μ)`` from the forward pass.
         """
-        params = self._params()
         if not self.precision:
-            p0 = next(iter(params.values()))
+            p0 = next(iter(self._params().values()))
             return p0.new_zeros(())
-        total = None
-        for n, a in self.precision.items():
-            term = (a * (params[n] - self.anchor[n]).square()).sum()
-            total = term if total is None else total + term
-        assert total is not None
-        return 0.5 * self.lam * (total + self.offset.to(total.device, total.dtype))
+        ps, precs, anchors = self._operands()
+        return _Quadratic.apply(self.lam, float(self.offset), precs, anchors, *ps)
 
     __call__ = penalty
 
@@ -228,16 +237,17 @@ class EWC:
 
         For training loops that cannot change the loss: call it after ``loss.backward()`` (after
         AMP unscaling) and before the optimizer step. Gives the same update as adding
-        :meth:`penalty` to the loss.
+        :meth:`penalty` to the loss, and is the cheaper of the two (no autograd graph).
         """
-        params = self._params()
-        for n, a in self.precision.items():
-            p = params[n]
-            g = self.lam * a * (p - self.anchor[n])
+        if not self.precision:
+            return
+        ps, precs, anchors = self._operands()
+        for p in ps:
             if p.grad is None:
-                p.grad = g.to(p.dtype)
-            else:
-                p.grad.add_(g.to(p.grad.dtype))
+                p.grad = torch.zeros_like(p)
+        diffs = torch._foreach_sub(ps, anchors)
+        grads = [p.grad for p in ps]
+        torch._foreach_addcmul_(grads, precs, diffs, value=self.lam)  # type: ignore[arg-type]
 
     # --- State --------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
@@ -332,6 +342,34 @@ class EWC:
             f"{type(self).__name__}(lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, "
             f"kind={self.kind!r}, tasks={self.num_tasks})"
         )
+
+
+class _Quadratic(torch.autograd.Function):
+    """``(λ/2) (Σ_i A_i (θ_i − μ_i)² + c)`` with the gradient ``λ A ⊙ (θ − μ)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        lam: float,
+        offset: float,
+        precs: list[Tensor],
+        anchors: list[Tensor],
+        *params: Tensor,
+    ) -> Tensor:
+        diffs = torch._foreach_sub(list(params), anchors)
+        weighted = torch._foreach_mul(diffs, precs)  # A ⊙ (θ − μ)
+        dots = [
+            torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in zip(diffs, weighted, strict=True)
+        ]
+        ctx.lam = lam
+        ctx.save_for_backward(*weighted)
+        return 0.5 * lam * (torch.stack(dots).sum() + offset)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        weighted = ctx.saved_tensors
+        grads = torch._foreach_mul(list(weighted), grad_out * ctx.lam)
+        return (None, None, None, None, *grads)
 
 
 class L2(EWC):
