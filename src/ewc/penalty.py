@@ -366,6 +366,7 @@ class _Quadratic(torch.autograd.Function):
         return 0.5 * lam * (torch.stack(dots).sum() + offset)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         weighted = ctx.saved_tensors
         grads = torch._foreach_mul(list(weighted), grad_out * ctx.lam)
