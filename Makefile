@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/ewc demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
