@@ -178,6 +178,8 @@ def fisher_rows(name, model, n, shape, rounds, quick):
         add("nngeometry FIM_MonteCarlo", "sampled", nngeometry_fn(model, data, "sampled"))
         add("nngeometry FIM", "exact", nngeometry_fn(model, data, "exact"))
     add("torch.func vmap", "empirical", lambda: func_vmap(model, data), r=max(1, rounds // 2))
+    if _available("backpack"):
+        _agreement(name, model, data[:2])
     n_naive = min(n, 500 if quick else 2000)
     t_naive = _timeit(lambda: naive_loop(model, data, n_naive)) * n / n_naive
     t_base = statistics.median(_timeit(base) for _ in range(3))
@@ -186,6 +188,20 @@ def fisher_rows(name, model, n, shape, rounds, quick):
                  "ratio": t_naive / t_base, "note": note})
     print(f"  {name:4s} empirical naive per-sample loop        {t_naive / t_base:8.2f}x {note}")
     return rows
+
+
+def _agreement(name, model, data):
+    """Cross-check: ours against BackPACK (a sum over samples) on the same batches."""
+    n = sum(len(y) for _, y in data)
+    pairs = [("empirical", "SumGradSquared"), ("exact", "DiagGGNExact")]
+    for kind, ext in pairs:
+        ours = ewc.fisher_diagonal(model, data, kind=kind)
+        theirs = backpack_fn(model, data, ext)()
+        rel = max(
+            float((ours[k] - t / n).abs().max() / ours[k].abs().max().clamp_min(1e-30))
+            for k, t in zip(ours, theirs, strict=True)
+        )
+        print(f"  {name:4s} {kind:9s} agreement with BackPACK {ext}: max rel. diff {rel:.1e}")
 
 
 # --- Penalty training step --------------------------------------------------------------
