@@ -247,3 +247,12 @@ def test_softmax_factor_is_exact_and_rank_c_minus_1():
         got = torch.einsum("k...i,k...j->...ij", s, s)
         want = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_low_precision_parameters_accumulate_in_float32():
+    model, x, y = make_case("mlp", n=64)
+    ref = ewc.fisher_diagonal(model, loader(x, y, 16), kind="exact")
+    low = ewc.fisher_diagonal(model.to(torch.bfloat16), loader(x.bfloat16(), y, 16), kind="exact")
+    for k in ref:
+        assert low[k].dtype == torch.bfloat16
+        torch.testing.assert_close(low[k].double(), ref[k], rtol=0.1, atol=1e-3 * float(ref[k].max()))

@@ -84,17 +84,29 @@ def factorises(module: nn.Module, x: Tensor) -> bool:
     return type(module) is nn.Linear and x.dim() == 2
 
 
-def linear_from_sq(module: nn.Module, x: Tensor, g2: Tensor) -> dict[str, Tensor]:
+def linear_from_sq(
+    module: nn.Module, x: Tensor, g2: Tensor, into: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """``nn.Linear`` on ``(N, in)`` from ``g2 = Σ_k g_k²`` of shape ``(N, out)``.
 
     The per-sample gradient is the outer product ``g_kn a_nᵀ``, so its square is
-    ``g_kn² (a_n²)ᵀ`` and the sum over samples and columns is one matmul ``g2ᵀ (x²)``.
+    ``g_kn² (a_n²)ᵀ`` and the sum over samples and columns is one matmul ``g2ᵀ (x²)``. With
+    ``into`` (accumulators keyed ``"weight"``/``"bias"`` of the same dtype) the results are
+    added in place (``addmm_``) and an empty dict is returned.
     """
     out: dict[str, Tensor] = {}
     if _wants(module, "weight"):
-        out["weight"] = g2.transpose(0, 1) @ x.square()
+        acc = None if into is None else into.get("weight")
+        if acc is not None and acc.dtype == g2.dtype:
+            acc.addmm_(g2.transpose(0, 1), x.square())
+        else:
+            out["weight"] = g2.transpose(0, 1) @ x.square()
     if _wants(module, "bias"):
-        out["bias"] = g2.sum(0)
+        acc = None if into is None else into.get("bias")
+        if acc is not None and acc.dtype == g2.dtype:
+            acc.add_(g2.sum(0))
+        else:
+            out["bias"] = g2.sum(0)
     return out
 
 

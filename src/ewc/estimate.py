@@ -132,7 +132,9 @@ def _accumulate_fast(
             else:
                 add(name, _rule(module)(module, x, g.unsqueeze(0)))
     for name, g2 in squares.items():
-        add(name, _rules.linear_from_sq(fast[name], records[name][0][0], g2))
+        prefix = f"{name}." if name else ""
+        into = {p: sums[prefix + p] for p in ("weight", "bias") if prefix + p in sums}
+        add(name, _rules.linear_from_sq(fast[name], records[name][0][0], g2, into))
 
 
 def _rule(module: nn.Module) -> _rules.Rule:
@@ -278,6 +280,10 @@ def fisher_diagonal(
             m.training = mode
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _estimate(
     model: nn.Module,
     data: Iterable[Any],
@@ -292,8 +298,10 @@ def _estimate(
 ) -> Fisher:
     exclude: set[str] = set()
     fast, rest = _partition(model, trainable, exclude)
+    # accumulate in at least float32 (half-precision sums of many squares lose everything)
     sums = {
-        n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in trainable.items()
+        n: torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device)
+        for n, p in trainable.items()
     }
     clone = False
     seen = 0
@@ -357,6 +365,8 @@ def _estimate(
             break
     if seen == 0:
         raise ValueError("data yielded no samples: the Fisher needs at least one data point")
-    fisher = Fisher({n: v / seen for n, v in sums.items()}, n_samples=seen, kind=kind)
+    fisher = Fisher(
+        {n: (v / seen).to(trainable[n].dtype) for n, v in sums.items()}, n_samples=seen, kind=kind
+    )
     fisher.validate()
     return fisher

@@ -134,8 +134,8 @@ class Categorical(Likelihood):
         cdf = p.double().cumsum(-1)
         labels = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp_(max=n_classes - 1)
         onehot = torch.nn.functional.one_hot(labels, n_classes).to(p.dtype)  # (N, ..., M, C)
-        grads = p.unsqueeze(-2) - onehot
-        return grads.movedim(-2, 0) / math.sqrt(mc_samples)
+        grads = (p.unsqueeze(-2) - onehot).movedim(-2, 0)
+        return grads if mc_samples == 1 else grads / math.sqrt(mc_samples)
 
 
 def _softmax_fisher_factor(p: Tensor) -> Tensor:
