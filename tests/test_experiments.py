@@ -181,3 +181,26 @@ def test_cli_config_file_and_errors(tmp_path, capsys):
 def test_cli_lambda_syntax():
     assert cli._lam("100") == {"*": [100.0]}
     assert cli._lam("ewc=10:100,l2=0.01") == {"ewc": [10.0, 100.0], "l2": [0.01]}
+
+
+def test_cli_overlap(tmp_path, capsys):
+    args = [
+        "overlap",
+        "--out",
+        str(tmp_path),
+        "--fractions",
+        "0,1",
+        "--epochs",
+        "0.2",
+        "--fisher-samples",
+        "100",
+    ]
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "fisher_overlap.json").read_text())
+    same, different = (c["overlap"] for c in result["curves"])
+    assert len(same) == 3 and all(0.0 <= v <= 1.0 for v in same + different)
+    # identical tasks: identical Fishers up to sampling noise; a full permutation moves the
+    # first layer's important weights elsewhere
+    assert same[0] > different[0]
+    assert (tmp_path / "fig2c.png").stat().st_size > 1000
+    assert "fraction permuted" in capsys.readouterr().out

@@ -255,4 +255,6 @@ def test_low_precision_parameters_accumulate_in_float32():
     low = ewc.fisher_diagonal(model.to(torch.bfloat16), loader(x.bfloat16(), y, 16), kind="exact")
     for k in ref:
         assert low[k].dtype == torch.bfloat16
-        torch.testing.assert_close(low[k].double(), ref[k], rtol=0.1, atol=1e-3 * float(ref[k].max()))
+        torch.testing.assert_close(
+            low[k].double(), ref[k], rtol=0.1, atol=1e-3 * float(ref[k].max())
+        )
