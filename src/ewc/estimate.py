@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _rules
+from . import distributed as _dist
 from .fisher import Fisher
 from .likelihoods import KINDS, Likelihood, get_likelihood
 
@@ -207,6 +208,8 @@ def fisher_diagonal(
     progress: bool = False,
     generator: torch.Generator | None = None,
     mc_samples: int = 1,
+    distributed: bool | None = None,
+    group: Any = None,
 ) -> Fisher:
     r"""Estimate the diagonal Fisher information of ``model`` over ``data``.
 
@@ -226,7 +229,9 @@ def fisher_diagonal(
     Args:
         model: Any ``nn.Module`` mapping a batch of inputs ``(N, ...)`` to outputs ``(N, ...)``
             that treats samples independently (in eval mode). Only parameters with
-            ``requires_grad=True`` are included.
+            ``requires_grad=True`` are included. A ``DistributedDataParallel`` or
+            ``DataParallel`` wrapper is unwrapped: the passes run on its ``.module`` and the
+            keys are the inner module's parameter names (no ``"module."`` prefix).
         data: Iterable of ``(inputs, targets)`` batches, e.g. a ``DataLoader``. ``inputs`` may
             be a tensor, a tuple (``model(*inputs)``) or a dict (``model(**inputs)``). For
             ``"sampled"`` and ``"exact"`` the targets are ignored and bare input batches are
@@ -235,7 +240,10 @@ def fisher_diagonal(
             paper's Fisher), ``"empirical"`` (the data's labels) or ``"exact"`` (the expectation
             over all labels in closed form, by back-propagating a factor of the output-space
             Fisher).
-        n_samples: Use at most this many data points (``None``: all of ``data``).
+        n_samples: Use at most this many data points (``None``: all of ``data``). When the
+            estimate is all-reduced (``distributed``), this is the total over the ranks: rank
+            ``r`` of ``W`` reads at most ``⌈(n_samples − r) / W⌉`` of its own data (see
+            :func:`ewc.distributed.local_limit`).
         likelihood: ``"classification"`` (softmax cross-entropy over the last output
             dimension), ``"regression"`` (Gaussian, σ = 1; pass ``ewc.Gaussian(sigma)`` for
             another σ), or a callable ``nll(outputs, targets) -> (N,)`` per-sample negative
@@ -243,6 +251,16 @@ def fisher_diagonal(
         progress: Show a tqdm progress bar.
         generator: Random generator for ``"sampled"`` labels (reproducible draws).
         mc_samples: Labels drawn per input for ``"sampled"``; the estimate averages over them.
+        distributed: Under ``torch.distributed``, each rank passes its own shard as ``data``;
+            the per-parameter sums of squared per-sample gradients and the sample counts are
+            all-reduced (SUM), and ``F = Σ_r S_r / Σ_r N_r`` is the single-process Fisher over
+            the union of the shards (of any sizes), the same on every rank; every rank of the
+            group must call this function. ``None`` (default): do so when a process group is
+            initialised and has more than one rank; ``True``: require it; ``False``: this
+            process's data only, no communication. Whether or not it reduces, the indices a
+            ``DistributedSampler`` pads in (``drop_last=False``) are never counted when
+            ``data`` is a ``DataLoader`` over one.
+        group: The process group to reduce over (``None``: the default group).
 
     Returns:
         A :class:`~ewc.Fisher` with one tensor per trainable parameter, keyed by name, each of
@@ -262,6 +280,9 @@ def fisher_diagonal(
     if not isinstance(mc_samples, int) or mc_samples <= 0:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     lik = get_likelihood(likelihood)
+    model = _dist.unwrap(model)
+    reduction = _dist.resolve(distributed, group)
+    n_samples = _dist.local_limit(data, n_samples, reduction)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError(
@@ -273,7 +294,17 @@ def fisher_diagonal(
     model.eval()
     try:
         return _estimate(
-            model, data, kind, n_samples, lik, progress, generator, mc_samples, trainable, device
+            model,
+            data,
+            kind,
+            n_samples,
+            lik,
+            progress,
+            generator,
+            mc_samples,
+            trainable,
+            device,
+            reduction,
         )
     finally:
         for m, mode in modes.items():
@@ -295,6 +326,7 @@ def _estimate(
     mc_samples: int,
     trainable: dict[str, nn.Parameter],
     device: torch.device,
+    reduction: _dist.Reduction | None = None,
 ) -> Fisher:
     exclude: set[str] = set()
     fast, rest = _partition(model, trainable, exclude)
@@ -305,11 +337,11 @@ def _estimate(
     }
     clone = False
     seen = 0
-    iterator: Iterable[Any] = data
+    iterator: Iterable[Any] = data if n_samples != 0 else ()  # 0: this rank's share is empty
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(data, desc=f"Fisher ({kind})", unit="batch")
+        iterator = tqdm(iterator, desc=f"Fisher ({kind})", unit="batch")
     for batch_idx, batch in enumerate(iterator):
         inputs, targets = _split_batch(batch, kind == "empirical")
         size = _batch_size(inputs)
@@ -363,6 +395,8 @@ def _estimate(
         seen += size
         if n_samples is not None and seen >= n_samples:
             break
+    if reduction is not None:  # Σ_r S_r and Σ_r N_r: the Fisher of the union of the shards
+        seen = reduction.all_reduce(sums, seen)
     if seen == 0:
         raise ValueError("data yielded no samples: the Fisher needs at least one data point")
     fisher = Fisher(

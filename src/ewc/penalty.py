@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from .estimate import fisher_diagonal
 from .fisher import Fisher
 from .likelihoods import KINDS, Likelihood
@@ -60,7 +61,14 @@ class EWC:
 
     Args:
         model: The network being trained. The penalty covers its trainable parameters at the
-            time of the first consolidation.
+            time of the first consolidation. A ``DistributedDataParallel`` or ``DataParallel``
+            wrapper is unwrapped (``self.model`` is its ``.module``; parameter names have no
+            ``"module."`` prefix). Under DDP every rank holds the same parameters and, after a
+            distributed :meth:`consolidate`, the same Fisher, so the penalty and
+            :meth:`add_penalty_grad` are identical on every rank. If a forward pass leaves
+            penalised parameters unused (``find_unused_parameters=True``), prefer
+            :meth:`add_penalty_grad` after ``backward()`` to adding :meth:`penalty` to the loss:
+            DDP marks unused parameters ready before the penalty's gradient reaches them.
         lam: λ ≥ 0 in ``(λ/2) Σ_i F_i (θ_i − θ*_i)²`` with the per-sample-mean Fisher of
             :func:`ewc.fisher_diagonal`.
         mode: ``"separate"`` (the paper: one penalty per task, stored merged and exact) or
@@ -96,7 +104,7 @@ class EWC:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self.model = model
+        self.model = _dist.unwrap(model)
         self.lam = _check_lam(lam)
         self.gamma = _check_gamma(gamma)
         self.mode = mode

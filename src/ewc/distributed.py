@@ -1,0 +1,204 @@
+r"""``torch.distributed`` support: sharded Fisher estimates, sampler padding and wrapped models.
+
+The Fisher is a per-sample mean, so a data set split into shards ``D_1, …, D_R`` (one per rank)
+gives the Fisher of the union from the per-rank **sums** and **counts**:
+
+.. math::
+
+    F_i = \frac{\sum_r S_{r,i}}{\sum_r N_r},
+    \qquad S_{r,i} = \sum_{n \in D_r}
+        \mathbb{E}_y\big[(\partial_{\theta_i} \log p(y \mid x_n, \theta))^2\big],
+    \qquad N_r = |D_r| .
+
+Each rank accumulates ``S_r`` and ``N_r`` over its own shard; one all-reduce (SUM) of the sums
+and one of the count give every rank the same ``Σ_r S_r`` and ``Σ_r N_r``, hence the same
+``F``, equal to the single-process estimate over ``∪_r D_r`` for any shard sizes (up to the
+order of floating-point additions). Averaging the per-rank *means* instead would weight the
+samples of small shards more.
+
+:class:`~torch.utils.data.distributed.DistributedSampler` with ``drop_last=False`` pads a data
+set of ``L`` indices to ``total_size = W ⌈L / W⌉`` by repeating its first indices
+(``indices += indices[:total_size - L]``) and gives rank ``r`` the positions
+``r, r + W, r + 2W, …``. The padded positions are ``≥ L``, so on every rank they come last, and
+rank ``r`` holds ``|{k ≥ 0 : r + kW < L}| = ⌈(L − r) / W⌉`` real samples (0 when ``r ≥ L``);
+counting only those counts every sample of the data set exactly once.
+
+Models wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` or
+:class:`~torch.nn.DataParallel` are unwrapped to their ``.module``: the per-sample passes must
+not run through the wrapper (its forward prepares a gradient all-reduce), and parameter names
+are the inner module's, without the ``"module."`` prefix.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = ["Reduction", "resolve", "unwrap", "local_limit", "real_samples", "find_sampler"]
+
+_WRAPPERS: tuple[type[nn.Module], ...] = (
+    nn.parallel.DistributedDataParallel,
+    nn.parallel.DataParallel,
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the module inside (possibly nested) ``DistributedDataParallel``/``DataParallel``.
+
+    Any other module is returned unchanged.
+    """
+    while isinstance(model, _WRAPPERS):
+        model = model.module
+    return model
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A process group to sum Fisher accumulators over (this rank's place in it).
+
+    Attributes:
+        group: The process group (``None``: the default, world group).
+        rank: This process's rank in ``group``.
+        world_size: Number of ranks in ``group``.
+    """
+
+    group: Any
+    rank: int
+    world_size: int
+
+    def all_reduce(self, sums: dict[str, Tensor], count: int) -> int:
+        """Sum ``sums`` (in place) and ``count`` over the group; return the total count.
+
+        Tensors are flattened into one buffer per ``(device, dtype)`` so each bucket costs one
+        collective; the count is reduced as ``int64`` (exact for any data set size) on the
+        device of the accumulators (NCCL needs device tensors). Every rank must pass tensors of
+        the same names, shapes and dtypes, in the same order.
+        """
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for t in sums.values():
+            buckets[(t.device, t.dtype)].append(t)
+        device = next(iter(sums.values())).device if sums else torch.device("cpu")
+        total = torch.tensor([count], dtype=torch.int64, device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        for tensors in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+        return int(total.item())
+
+
+def resolve(distributed: bool | None, group: Any = None) -> Reduction | None:
+    """Decide whether to all-reduce, from ``fisher_diagonal``'s ``distributed`` argument.
+
+    ``None`` (auto): reduce when a process group is initialised and ``group`` has more than one
+    rank. ``True``: reduce (a process group must be initialised). ``False``: never.
+
+    Raises:
+        ValueError: for ``distributed=True`` without an initialised process group, or a
+            ``distributed`` that is not a bool or ``None``.
+    """
+    if distributed is False:
+        return None
+    if distributed is not None and distributed is not True:
+        raise ValueError(f"distributed must be True, False or None, got {distributed!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ValueError(
+                "distributed=True needs an initialised process group "
+                "(torch.distributed.init_process_group)"
+            )
+        return None
+    world_size = dist.get_world_size(group)
+    if world_size <= 1 and not distributed:
+        return None
+    return Reduction(group=group, rank=dist.get_rank(group), world_size=world_size)
+
+
+def find_sampler(data: Iterable[Any]) -> DistributedSampler[Any] | None:
+    """Return the ``DistributedSampler`` a ``DataLoader`` draws from, or ``None``.
+
+    Looks at ``data.sampler`` and then at ``data.batch_sampler.sampler`` (a ``DataLoader``
+    built with ``batch_sampler=BatchSampler(DistributedSampler(...), ...)``).
+    """
+    sampler = getattr(data, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        return sampler
+    sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None)
+    return sampler if isinstance(sampler, DistributedSampler) else None
+
+
+def _share(total: int, rank: int, world_size: int) -> int:
+    """``|{k ≥ 0 : rank + k·world_size < total}|``: rank's part of ``total`` dealt round-robin."""
+    return max(0, -(-(total - rank) // world_size))
+
+
+def real_samples(sampler: DistributedSampler[Any]) -> int:
+    """Count this rank's ``sampler`` indices that are not padding (see the module doc).
+
+    ``⌈(L − r) / W⌉`` with ``L = len(sampler.dataset)``, ``r = sampler.rank`` and
+    ``W = sampler.num_replicas``, at most ``len(sampler)``; with ``drop_last=True`` there is no
+    padding and all ``len(sampler)`` indices are real.
+    """
+    if sampler.drop_last:
+        return int(sampler.num_samples)
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    return min(int(sampler.num_samples), _share(size, sampler.rank, sampler.num_replicas))
+
+
+def local_limit(
+    data: Iterable[Any], n_samples: int | None, reduction: Reduction | None
+) -> int | None:
+    """Return this rank's cap on the samples it reads from ``data`` (``None``: no cap).
+
+    * Without a reduction, ``n_samples`` is this process's cap, as in a single process.
+    * With one, ``n_samples`` is the cap on the **total** over the ranks: rank ``r`` of ``W``
+      takes ``⌈(n_samples − r) / W⌉`` of it (the round-robin share, so the shares add up to
+      ``n_samples``). A rank whose shard is smaller than its share does not pass the rest on,
+      so uneven shards can give fewer than ``n_samples`` in total.
+    * If ``data`` is a ``DataLoader`` over a ``DistributedSampler``, the cap is at most the
+      number of real (non-padded) samples of this rank (the sampler's rank and
+      ``num_replicas`` must be the group's): the ranks together then read exactly the first
+      ``min(n_samples, len(dataset))`` indices of the sampler's global order (the data set's
+      first samples with ``shuffle=False``).
+
+    Raises:
+        ValueError: if the sampler's replicas or rank differ from the process group's, or if
+            this rank holds padding but the loader does not yield batches in sampler order
+            (``in_order=False`` with worker processes).
+    """
+    sampler = find_sampler(data)
+    if sampler is None:
+        if reduction is None or n_samples is None:
+            return n_samples
+        return _share(n_samples, reduction.rank, reduction.world_size)
+    if reduction is not None and (sampler.num_replicas, sampler.rank) != (
+        reduction.world_size,
+        reduction.rank,
+    ):
+        raise ValueError(
+            f"the DistributedSampler has num_replicas={sampler.num_replicas}, rank="
+            f"{sampler.rank} but this process is rank {reduction.rank} of "
+            f"{reduction.world_size} in the process group"
+        )
+    real = real_samples(sampler)
+    in_order = getattr(data, "in_order", True) or getattr(data, "num_workers", 0) == 0
+    if real < len(sampler) and not in_order:
+        raise ValueError(
+            "the DataLoader has in_order=False: its batches may not come in sampler order, "
+            "so the DistributedSampler's padding cannot be told apart; use in_order=True"
+        )
+    if n_samples is None:
+        return real
+    if reduction is not None:
+        n_samples = _share(n_samples, reduction.rank, reduction.world_size)
+    return min(real, n_samples)
