@@ -204,3 +204,14 @@ def test_cli_overlap(tmp_path, capsys):
     assert same[0] > different[0]
     assert (tmp_path / "fig2c.png").stat().st_size > 1000
     assert "fraction permuted" in capsys.readouterr().out
+
+
+def test_a_diverging_lambda_candidate_is_recorded_and_skipped(tmp_path):
+    cfg = tiny(methods=["ewc"], lam={"ewc": [0.0, 1e12]}, optimizer="sgd", lr=0.5, eval_every=0)
+    res = trainer.run_experiment(cfg, tmp_path, progress=False, log=lambda s: None)
+    sweep = res["methods"]["ewc"]["lam_sweep"]
+    assert res["methods"]["ewc"]["lam"] == 0.0
+    assert any(s["lam"] == 1e12 and "diverged" in s["diverged"] for s in sweep)
+    cfg1 = tiny(methods=["ewc"], lam={"ewc": [1e12]}, optimizer="sgd", lr=0.5, eval_every=0)
+    with pytest.raises(FloatingPointError, match="lower --lr or λ"):
+        trainer.run_experiment(cfg1, tmp_path / "single", progress=False)

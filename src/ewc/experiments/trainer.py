@@ -393,10 +393,14 @@ def run_experiment(
     results: dict[str, Any] = {"config": asdict(cfg), "versions": versions(), "methods": {}}
     try:
         for method in cfg.methods:
-            candidates = []
+            candidates, diverged = [], []
             for lam in _lams(cfg, method):
                 run_dir = ckpt / f"{method}-lam{lam:g}"
                 done = run_dir / "result.json"
+                failed = run_dir / "diverged.txt"
+                if failed.exists():
+                    diverged.append({"lam": lam, "diverged": failed.read_text()})
+                    continue
                 if done.exists():
                     res = json.loads(done.read_text())
                     if bar is not None:
@@ -416,6 +420,8 @@ def run_experiment(
                         if len(_lams(cfg, method)) == 1:
                             raise
                         log(f"{e}; skipping this λ candidate")
+                        failed.write_text(str(e))
+                        diverged.append({"lam": lam, "diverged": str(e)})
                         continue
                     done.write_text(json.dumps(res))
                 candidates.append((lam, res))
@@ -429,11 +435,11 @@ def run_experiment(
                 lam=lam if method != "finetune" else None,
             )
             entry["val_average_accuracy"] = _final_average(best["R_val"])
-            if len(candidates) > 1:
+            if len(candidates) + len(diverged) > 1:
                 entry["lam_sweep"] = [
                     {"lam": c[0], "val_average_accuracy": _final_average(c[1]["R_val"])}
                     for c in candidates
-                ]
+                ] + diverged
             results["methods"][method] = entry
     finally:
         if bar is not None:
