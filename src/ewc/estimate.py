@@ -49,6 +49,8 @@ def _split_batch(batch: Any, needs_targets: bool) -> tuple[Any, Tensor | None]:
 
 
 def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor) and inputs.dim() > 0:
+        return int(inputs.shape[0])
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
     if not leaves or leaves[0].dim() == 0:
         raise ValueError("inputs must contain a tensor with a leading batch dimension")
@@ -56,6 +58,8 @@ def _batch_size(inputs: Any) -> int:
 
 
 def _to(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(device)
     return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
 
 
