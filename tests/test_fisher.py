@@ -258,3 +258,30 @@ def test_low_precision_parameters_accumulate_in_float32():
         torch.testing.assert_close(
             low[k].double(), ref[k], rtol=0.1, atol=1e-3 * float(ref[k].max())
         )
+
+
+def test_fallback_with_non_tensor_arguments():
+    """A model taking a Python int besides the batch (e.g. a task id) through the generic path."""
+    from conftest import Scale
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = Scale(4)
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x, task):
+            return self.fc(torch.tanh(self.scale(x)))[:, 3 * task : 3 * task + 3]
+
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    got = ewc.fisher_diagonal(model, [((x, 1), y)], kind="exact")
+    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for n in range(7):
+        logp = torch.log_softmax(model(x[n : n + 1], 1)[0], -1)
+        for c in range(3):
+            gs = torch.autograd.grad(logp[c], list(model.parameters()), retain_graph=True)
+            for (k, _), g in zip(model.named_parameters(), gs, strict=True):
+                acc[k] += float(logp[c].exp()) * g**2
+    assert_fisher_close(got, {k: v / 7 for k, v in acc.items()})

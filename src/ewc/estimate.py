@@ -175,7 +175,8 @@ def _fallback(model: nn.Module, names: list[str], inputs: Any, s: Tensor) -> dic
 
     numel = sum(p.numel() for p in sub.values()) * max(1, s.shape[0])
     chunk = max(1, _rules._CHUNK_ELEMENTS // max(1, numel))
-    per = vmap(one, chunk_size=chunk)(inputs, s.movedim(0, 1))
+    dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)
+    per = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(inputs, s.movedim(0, 1))
     return {n: g.sum(0) for n, g in per.items()}
 
 
