@@ -112,7 +112,7 @@ def linear_from_sq(
 
 # --- Convolutions -----------------------------------------------------------------------
 def _conv_padding(module: nn.Module, x: Tensor, spatial: int) -> tuple[Tensor, tuple[int, ...]]:
-    """Apply string paddings by hand; return the input and the numeric padding for unfold."""
+    """Apply string paddings by hand; return the input and the numeric padding."""
     padding = module.padding
     if isinstance(padding, str):
         if padding == "valid":

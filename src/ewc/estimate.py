@@ -93,7 +93,7 @@ def _partition(
             for n, p in module.named_parameters(recurse=False)
             if p.requires_grad
         }
-        if any(owners[id(p)] > 1 for p in own.values()) or not set(own) <= set(trainable):
+        if any(owners[id(p)] > 1 for p in own.values()):
             continue  # shared (tied) parameters: their per-sample gradients add up
         fast[mname] = module
         covered |= set(own)
@@ -126,6 +126,7 @@ def _accumulate_fast(
             full = f"{name}.{pname}" if name else pname
             sums[full] += val.to(sums[full].dtype)
 
+    rules = {n: _rule(m) for n, m in fast.items()}  # looked up once, not per column
     squares: dict[str, Tensor] = {}
     for j in range(k):
         gs = torch.autograd.grad(z, outs, s[j], retain_graph=j < k - 1, allow_unused=True)
@@ -135,7 +136,7 @@ def _accumulate_fast(
             if _rules.factorises(module, x):
                 squares[name] = g.square() if j == 0 else squares[name].addcmul_(g, g)
             else:
-                add(name, _rule(module)(module, x, g.unsqueeze(0)))
+                add(name, rules[name](module, x, g.unsqueeze(0)))
     for name, g2 in squares.items():
         prefix = f"{name}." if name else ""
         into = {p: sums[prefix + p] for p in ("weight", "bias") if prefix + p in sums}

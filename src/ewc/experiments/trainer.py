@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -207,7 +208,7 @@ def run_sequence(
     stream = data.stream
     torch.manual_seed(cfg.seed)  # the same initial network for every method
     model = MLP(
-        stream[0].x_test.shape[1],
+        data.test[0][0].shape[1],
         tuple(cfg.hidden),
         stream.num_outputs,
         heads=stream.num_heads,
@@ -342,6 +343,12 @@ def load_data(cfg: Config) -> _Data:
     return _Data(stream, val, test)
 
 
+def _n_train(task: Any) -> int:
+    """Training-set size of ``task``, counted from the base labels (no tensors are built)."""
+    y = task.base.split("train")[1]
+    return int(np.isin(y, task.classes).sum())
+
+
 def _lams(cfg: Config, method: str) -> list[float]:
     return (
         list(cfg.lam.get(method, [DEFAULT_LAM.get(method, 0.0)])) if method != "finetune" else [0.0]
@@ -384,7 +391,7 @@ def run_experiment(
     t0 = time.perf_counter()
     data = load_data(cfg)
     runs = [(m, lam) for m in cfg.methods for lam in _lams(cfg, m)]
-    total = sum(_steps(cfg, len(data.stream[t].y_train)) for t in range(len(data.stream)))
+    total = sum(_steps(cfg, _n_train(task)) for task in data.stream)
     bar = None
     if progress:
         from tqdm.auto import tqdm
