@@ -194,3 +194,91 @@ def test_consolidate_estimates_at_current_parameters():
     for n in f:
         torch.testing.assert_close(f[n], direct[n])
         assert torch.equal(reg.anchor[n], dict(model.named_parameters())[n].detach())
+
+
+# --- Parameter subsets and low-precision storage --------------------------------------------
+def _two_layer(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4))
+
+
+def _fake_fisher(model, names, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return {n: torch.rand(params[n].shape, generator=g, dtype=params[n].dtype) for n in names}
+
+
+def _move(model, seed, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_params_subset_penalises_only_the_selected_parameters():
+    model = _two_layer()
+    reg = ewc.EWC(model, lam=2.0, params="2.*")
+    x = torch.randn(7, 3)
+    fisher = reg.consolidate([x], kind="exact")
+    assert sorted(fisher) == ["2.bias", "2.weight"] and sorted(reg.precision) == sorted(fisher)
+    theta_star = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _move(model, 1)
+    want = sum(
+        (fisher[n] * (p - theta_star[n]) ** 2).sum() for n, p in model.named_parameters() if n in fisher
+    )
+    pen = reg.penalty()
+    torch.testing.assert_close(pen, 1.0 * want, rtol=1e-12, atol=0)
+    pen.backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is not None
+    with pytest.raises(ValueError, match="missing"):
+        reg.consolidate(fisher=_fake_fisher(model, [n for n, _ in model.named_parameters()], 0))
+
+
+def test_bfloat16_precision_storage_keeps_anchors_exact_and_tracks_the_sum():
+    model = _two_layer()
+    names = [n for n, _ in model.named_parameters()]
+    reg = ewc.EWC(model, lam=1.5, fisher_dtype=torch.bfloat16)
+    ref = ewc.EWC(model, lam=1.5)
+    for t in range(4):
+        _move(model, 10 + t)
+        f = _fake_fisher(model, names, t)
+        reg.consolidate(fisher=f)
+        ref.consolidate(fisher=f)
+    assert all(a.dtype == torch.bfloat16 for a in reg.precision.values())
+    assert all(m.dtype == torch.float64 for m in reg.anchor.values())
+    _move(model, 99)
+    torch.testing.assert_close(reg.penalty(), ref.penalty(), rtol=2e-2, atol=0)
+    # one task: the penalty vanishes exactly at the anchor (anchors are not rounded)
+    single = ewc.EWC(model, lam=1.0, fisher_dtype=torch.bfloat16)
+    single.consolidate(fisher=_fake_fisher(model, names, 7))
+    assert float(single.penalty()) == 0.0
+    for p in model.parameters():
+        p.grad = None
+    single.add_penalty_grad()
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+
+
+def test_subset_and_dtype_survive_save_and_load(tmp_path):
+    model = _two_layer()
+    reg = ewc.EWC(model, lam=3.0, params=["2.*"], fisher_dtype=torch.bfloat16)
+    reg.consolidate(fisher=_fake_fisher(model, ["2.weight", "2.bias"], 0))
+    _move(model, 2)
+    path = str(tmp_path / "state.safetensors")
+    reg.save(path)
+    back = ewc.EWC.load(path, model)
+    assert back.params == ["2.*"] and back.fisher_dtype == torch.bfloat16
+    for n in reg.precision:
+        assert torch.equal(back.precision[n], reg.precision[n])
+        assert torch.equal(back.anchor[n], reg.anchor[n])
+    assert float(back.penalty()) == float(reg.penalty())
+    with pytest.raises(ValueError, match="params= selection"):
+        ewc.EWC.load(path, model, params="0.*")
+    with pytest.raises(ValueError, match="fisher_dtype"):
+        ewc.EWC.load(path, model, fisher_dtype=torch.float16)
+    # a predicate is not saved: it must be given again
+    pred = ewc.EWC(model, lam=1.0, params=lambda n, p: n.startswith("2."))
+    pred.consolidate(fisher=_fake_fisher(model, ["2.weight", "2.bias"], 1))
+    pred.save(path)
+    with pytest.raises(ValueError, match="another params= selection"):
+        ewc.EWC.load(path, model)
+    assert ewc.EWC.load(path, model, params=lambda n, p: n.startswith("2.")).num_tasks == 1

@@ -79,6 +79,17 @@ def linear(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def conv1d_transposed(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Hugging Face's ``Conv1D`` (GPT-2): ``x @ W + b`` with ``W`` stored ``(in, out)``.
+
+    The same layer as :class:`torch.nn.Linear` with a transposed weight.
+    """
+    out = linear(module, x, g)
+    if "weight" in out:
+        out["weight"] = out["weight"].transpose(0, 1)
+    return out
+
+
 def factorises(module: nn.Module, x: Tensor) -> bool:
     """Whether the layer's rule only needs ``Σ_k g_k²`` (see :func:`linear_from_sq`)."""
     return type(module) is nn.Linear and x.dim() == 2
@@ -279,12 +290,19 @@ if hasattr(nn, "RMSNorm"):
     RULES[nn.RMSNorm] = (rms_norm, lambda m: True, ("weight",))
 
 
+# Layers of optional libraries, matched by qualified class name so they are never imported.
+RULES_BY_NAME: dict[str, tuple[Rule, Callable[[nn.Module], bool], tuple[str, ...]]] = {
+    "transformers.pytorch_utils.Conv1D": (conv1d_transposed, lambda m: True, ("weight", "bias")),
+}
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """Return the closed-form rule for ``module`` or ``None`` (use the generic fallback).
 
     Only exact types match: a subclass may override ``forward``.
     """
-    entry = RULES.get(type(module))
+    cls = type(module)
+    entry = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     if entry is None:
         return None
     rule, ok, names = entry
@@ -294,4 +312,4 @@ def rule_for(module: nn.Module) -> Rule | None:
     return rule
 
 
-__all__ = ["RULES", "rule_for"]
+__all__ = ["RULES", "RULES_BY_NAME", "rule_for"]

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._select import select_params
+
 if TYPE_CHECKING:
     from .penalty import EWC
 
@@ -113,11 +115,18 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             f"the state has parameters the model lacks: {unknown[:5]}; was it saved for "
             "another model?"
         )
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in prec)
+    selected = select_params(ewc.model, ewc.params)
+    missing = sorted(n for n in selected if n not in prec)
     if prec and missing:
         raise ValueError(
             f"the model has trainable parameters the state lacks: {missing[:5]}; was it saved "
-            "for another model?"
+            "for another model, or with another params= selection (pass the same params=)?"
+        )
+    outside = sorted(n for n in prec if n not in selected)
+    if outside:
+        raise ValueError(
+            f"the state covers parameters outside this object's params= selection (or frozen "
+            f"ones): {outside[:5]}; pass the params= it was saved with"
         )
     precision: dict[str, Tensor] = {}
     anchor: dict[str, Tensor] = {}
@@ -130,10 +139,12 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
                     f"{label} of {n!r} has shape {tuple(t.shape)} but the model's parameter has "
                     f"shape {tuple(p.shape)}"
                 )
-            if t.dtype != p.dtype:
+            want = (ewc.fisher_dtype or p.dtype) if label == "precision" else p.dtype
+            if t.dtype != want:
                 raise ValueError(
-                    f"{label} of {n!r} has dtype {t.dtype} but the model's parameter has dtype "
-                    f"{p.dtype}; cast the model (or load into a model of the saved dtype)"
+                    f"{label} of {n!r} has dtype {t.dtype} but {want} is expected (the "
+                    f"parameter's dtype is {p.dtype}, fisher_dtype={ewc.fisher_dtype}); cast the "
+                    "model, or pass the fisher_dtype it was saved with"
                 )
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{label} of {n!r} has non-finite values: the file is corrupt")

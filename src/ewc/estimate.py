@@ -20,6 +20,7 @@ Parameters of any other module go through a generic per-sample ``torch.func`` pa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _rules
 from . import distributed as _dist
+from ._select import ParamSelector, select_params
 from .fisher import Fisher
 from .likelihoods import KINDS, Likelihood, get_likelihood
 
@@ -75,11 +77,14 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+OutputFn = Callable[[Any], Tensor]
+
+
 # --- Partition of the parameters --------------------------------------------------------
 def _partition(
     model: nn.Module, trainable: dict[str, nn.Parameter], exclude: set[str]
 ) -> tuple[dict[str, nn.Module], list[str]]:
-    """Split parameters into layers with a closed form and the rest (generic fallback)."""
+    """Split the selected parameters into layers with a closed form and the rest (fallback)."""
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
@@ -93,6 +98,9 @@ def _partition(
             for n, p in module.named_parameters(recurse=False)
             if p.requires_grad
         }
+        own = {n: p for n, p in own.items() if n in trainable}
+        if not own:
+            continue  # nothing selected here (e.g. a frozen base layer beside LoRA adapters)
         if any(owners[id(p)] > 1 for p in own.values()):
             continue  # shared (tied) parameters: their per-sample gradients add up
         fast[mname] = module
@@ -124,7 +132,8 @@ def _accumulate_fast(
     def add(name: str, vals: dict[str, Tensor]) -> None:
         for pname, val in vals.items():
             full = f"{name}.{pname}" if name else pname
-            sums[full] += val.to(sums[full].dtype)
+            if full in sums:  # a layer's unselected parameter (``params=``) is dropped
+                sums[full] += val.to(sums[full].dtype)
 
     rules = {n: _rule(m) for n, m in fast.items()}  # looked up once, not per column
     squares: dict[str, Tensor] = {}
@@ -150,7 +159,9 @@ def _rule(module: nn.Module) -> _rules.Rule:
 
 
 # --- Generic fallback: per-sample gradients with torch.func ------------------------------
-def _fallback(model: nn.Module, names: list[str], inputs: Any, s: Tensor) -> dict[str, Tensor]:
+def _fallback(
+    model: nn.Module, names: list[str], inputs: Any, s: Tensor, output_fn: OutputFn | None
+) -> dict[str, Tensor]:
     """``Σ_n Σ_k (∂<s_nk, z_n>/∂θ)²`` for the parameters ``names``, by vmap over samples."""
     from torch.func import functional_call, vjp, vmap
 
@@ -168,6 +179,8 @@ def _fallback(model: nn.Module, names: list[str], inputs: Any, s: Tensor) -> dic
                 out = functional_call(model, {**p, **const}, tuple(x1))
             else:
                 out = functional_call(model, {**p, **const}, (x1,))
+            if output_fn is not None:
+                out = output_fn(out)
             return out.squeeze(0)
 
         _, vjp_fn = vjp(f, sub)
@@ -179,6 +192,41 @@ def _fallback(model: nn.Module, names: list[str], inputs: Any, s: Tensor) -> dic
     dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)
     per = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(inputs, s.movedim(0, 1))
     return {n: g.sum(0) for n, g in per.items()}
+
+
+def _row(tree: Any, i: int) -> Any:
+    return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() > 0 else t, tree)
+
+
+def _fallback_loop(
+    model: nn.Module, names: list[str], inputs: Any, s: Tensor, output_fn: OutputFn | None
+) -> dict[str, Tensor]:
+    """Compute :func:`_fallback`'s sum with one forward pass per sample (no vmap).
+
+    For models that ``vmap`` cannot trace (data-dependent control flow, ``.item()``, as in
+    Hugging Face attention-mask code): exact, but ``N`` small passes instead of one.
+    """
+    params = dict(model.named_parameters())
+    sub = [params[n] for n in names]
+    out = {
+        n: torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device)
+        for n, p in zip(names, sub, strict=True)
+    }
+    k = s.shape[0]
+    for i in range(s.shape[1]):
+        x_i = _row(inputs, i)
+        with torch.enable_grad():
+            z = _call(model, x_i)
+            if output_fn is not None:
+                z = output_fn(z)
+        for j in range(k):
+            gs = torch.autograd.grad(
+                z, sub, s[j, i : i + 1], retain_graph=j < k - 1, allow_unused=True
+            )
+            for n, g in zip(names, gs, strict=True):
+                if g is not None:
+                    out[n].addcmul_(g, g)
+    return out
 
 
 # --- The estimator ----------------------------------------------------------------------
@@ -216,6 +264,9 @@ def fisher_diagonal(
     mc_samples: int = 1,
     distributed: bool | None = None,
     group: Any = None,
+    params: ParamSelector = None,
+    dtype: torch.dtype | None = None,
+    output_fn: OutputFn | None = None,
 ) -> Fisher:
     r"""Estimate the diagonal Fisher information of ``model`` over ``data``.
 
@@ -267,10 +318,26 @@ def fisher_diagonal(
             ``DistributedSampler`` pads in (``drop_last=False``) are never counted when
             ``data`` is a ``DataLoader`` over one.
         group: The process group to reduce over (``None``: the default group).
+        params: Which trainable parameters to cover: ``None`` (all), a name or :mod:`fnmatch`
+            pattern (``"*.lora_*"``), a list of them, or a predicate ``(name, param) -> bool``.
+            Frozen parameters (``requires_grad=False``) are never included; a pattern that
+            matches no trainable parameter is an error. Layers with nothing selected cost no
+            extra work.
+        dtype: Storage dtype of the returned tensors (default: each parameter's dtype), e.g.
+            ``torch.bfloat16`` to halve the memory of a large model's Fisher. Sums are always
+            accumulated in float32 or wider; only the final mean is cast. (float16 flushes
+            entries below about 6e-8 to zero; bfloat16 keeps float32's range.)
+        output_fn: Maps whatever the model returns to the output tensor ``(N, ..., C)`` the
+            likelihood reads, e.g. ``lambda out: out.logits`` for a Hugging Face model, or
+            ``lambda out: out[:, :-1]`` to drop positions. Applied in every pass.
 
     Returns:
-        A :class:`~ewc.Fisher` with one tensor per trainable parameter, keyed by name, each of
-        its parameter's shape and dtype.
+        A :class:`~ewc.Fisher` with one tensor per selected trainable parameter, keyed by
+        name, each of its parameter's shape and of its dtype (or ``dtype``).
+
+    Memory: the data are streamed batch by batch; besides the model and one batch's
+    activations and backward pass, the estimate holds one float32 (or float64) accumulator per
+    selected parameter, so memory does not grow with the size of ``data``.
 
     Raises:
         ValueError: on empty data, non-finite outputs or Fisher, labels out of range, a model
@@ -289,12 +356,11 @@ def fisher_diagonal(
     model = _dist.unwrap(model)
     reduction = _dist.resolve(distributed, group)
     n_samples = _dist.local_limit(data, n_samples, reduction)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise ValueError(
-            "the model has no trainable parameters (all have requires_grad=False); unfreeze the "
-            "parameters EWC should protect"
-        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    if output_fn is not None and not callable(output_fn):
+        raise ValueError(f"output_fn must be callable, got {type(output_fn).__name__}")
+    trainable = select_params(model, params)
     device = next(iter(trainable.values())).device
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -311,6 +377,8 @@ def fisher_diagonal(
             trainable,
             device,
             reduction,
+            dtype,
+            output_fn,
         )
     finally:
         for m, mode in modes.items():
@@ -333,6 +401,8 @@ def _estimate(
     trainable: dict[str, nn.Parameter],
     device: torch.device,
     reduction: _dist.Reduction | None = None,
+    dtype: torch.dtype | None = None,
+    output_fn: OutputFn | None = None,
 ) -> Fisher:
     exclude: set[str] = set()
     fast, rest = _partition(model, trainable, exclude)
@@ -342,6 +412,7 @@ def _estimate(
         for n, p in trainable.items()
     }
     clone = False
+    loop = False  # per-sample loop instead of vmap for the generic path
     seen = 0
     iterator: Iterable[Any] = data if n_samples != 0 else ()  # 0: this rank's share is empty
     if progress:
@@ -363,14 +434,24 @@ def _estimate(
             try:
                 with torch.enable_grad():
                     z = _call(model, inputs)
+                    if output_fn is not None:
+                        z = output_fn(z)
             finally:
                 capture.remove()
             if not isinstance(z, Tensor):
                 raise TypeError(
                     f"the model must return a tensor of outputs, got {type(z).__name__}"
                 )
-            bad = [n for n in fast if len(capture.records.get(n, ())) != 1]
-            if bad:  # a layer called twice (or never): its gradients need the generic path
+            bad = [
+                n
+                for n in fast
+                if len(capture.records.get(n, ())) != 1
+                or capture.records[n][0][0].shape[:1] != (size,)
+                or capture.records[n][0][1].shape[:1] != (size,)
+            ]
+            if bad:
+                # a layer called twice (or never), or on a tensor without the batch dimension
+                # (e.g. position embeddings broadcast over the batch): generic path
                 exclude |= set(bad)
                 fast, rest = _partition(model, trainable, exclude)
                 continue
@@ -396,7 +477,22 @@ def _estimate(
             _accumulate_fast(fast, capture.records, z, s, sums)
         del capture, z
         if rest:
-            for n, val in _fallback(model, rest, inputs, s).items():
+            vals = None
+            if not loop:
+                try:
+                    vals = _fallback(model, rest, inputs, s, output_fn)
+                except RuntimeError as e:  # vmap cannot trace the model: loop over samples
+                    loop = True
+                    warnings.warn(
+                        f"per-sample gradients of {len(rest)} parameter(s) without a closed form "
+                        f"(e.g. {rest[0]!r}) fall back to one pass per sample, because "
+                        f"torch.func.vmap cannot trace the model ({str(e).splitlines()[0][:120]}); "
+                        "leave them out with params= to skip this cost",
+                        stacklevel=3,
+                    )
+            if vals is None:
+                vals = _fallback_loop(model, rest, inputs, s, output_fn)
+            for n, val in vals.items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
         if n_samples is not None and seen >= n_samples:
@@ -406,7 +502,9 @@ def _estimate(
     if seen == 0:
         raise ValueError("data yielded no samples: the Fisher needs at least one data point")
     fisher = Fisher(
-        {n: (v / seen).to(trainable[n].dtype) for n, v in sums.items()}, n_samples=seen, kind=kind
+        {n: (v / seen).to(dtype or trainable[n].dtype) for n, v in sums.items()},
+        n_samples=seen,
+        kind=kind,
     )
     fisher.validate()
     return fisher

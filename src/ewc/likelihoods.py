@@ -71,14 +71,44 @@ class Categorical(Likelihood):
 
     ``outputs`` has shape ``(N, C)`` or ``(N, ..., C)`` (class dimension **last**); ``targets``
     has shape ``(N,)`` or ``(N, ...)`` with integer classes in ``[0, C)``. With extra dimensions
-    the per-sample log-likelihood is the sum over positions (one sample = one ``x_n``).
+    (the tokens of a sequence) one sample is still one ``x_n``: its log-likelihood is the sum
+    over positions, ``log p(y_n | x_n) = Σ_t log p(y_nt | x_n)``, and that sum is taken *inside*
+    the square of the per-sample gradient.
 
-    The output-space Fisher of one position is ``diag(p) − p pᵀ``, factored exactly by the
-    ``C`` columns ``√p_c (p − e_c)``; positions are independent, so ``kind="exact"`` uses
-    ``C × positions`` columns.
+    Positions whose target equals ``ignore_index`` (PyTorch's and Hugging Face's ``-100``:
+    padding, prompt tokens) are left out of the sum, for every ``kind``: with integer targets
+    of shape ``outputs.shape[:-1]``, ``"sampled"`` draws labels and ``"exact"`` takes the
+    expectation only at the other positions. (For ``"sampled"``/``"exact"`` targets of any other
+    shape are ignored, as bare inputs are.) A sample whose positions are all ignored
+    contributes zero but still counts in ``N``.
+
+    The output-space Fisher of one position is ``diag(p) − p pᵀ``, factored exactly by ``C − 1``
+    columns; positions are independent given ``x_n``, so ``kind="exact"`` uses
+    ``(C − 1) × positions`` columns (for a language model's vocabulary, use ``"sampled"``).
+
+    Args:
+        ignore_index: Target value marking positions to leave out (``None``: none).
     """
 
     name = "classification"
+
+    def __init__(self, ignore_index: int | None = -100) -> None:
+        if ignore_index is not None and not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+
+    def _mask(self, outputs: Tensor, targets: Tensor | None, kind: str) -> Tensor | None:
+        """Boolean ``(N, ...)`` mask of the counted positions, or ``None`` (all count)."""
+        if targets is None or self.ignore_index is None:
+            return None
+        if kind != "empirical" and (
+            targets.is_floating_point()
+            or targets.is_complex()
+            or tuple(targets.shape) != tuple(outputs.shape[:-1])
+        ):
+            return None
+        mask = targets != self.ignore_index
+        return None if bool(mask.all()) else mask
 
     def check(self, outputs: Tensor, targets: Tensor | None, kind: str) -> None:  # noqa: D102
         if outputs.dim() < 2:
@@ -98,10 +128,12 @@ class Categorical(Likelihood):
                 f"{tuple(outputs.shape)} (expected {tuple(outputs.shape[:-1])})"
             )
         n_classes = outputs.shape[-1]
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n_classes):
+        counted = targets if self.ignore_index is None else targets[targets != self.ignore_index]
+        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= n_classes):
+            ignored = "" if self.ignore_index is None else f" besides {self.ignore_index}"
             raise ValueError(
-                f"labels out of range: got labels in [{int(targets.min())}, "
-                f"{int(targets.max())}] but the model has {n_classes} classes [0, {n_classes})"
+                f"labels out of range: got labels{ignored} in [{int(counted.min())}, "
+                f"{int(counted.max())}] but the model has {n_classes} classes [0, {n_classes})"
             )
 
     def factor(  # noqa: D102
@@ -113,6 +145,21 @@ class Categorical(Likelihood):
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> Tensor:
+        mask = self._mask(outputs, targets, kind)
+        s = self._factor(outputs, targets, kind, mc_samples, generator, mask)
+        if mask is not None:
+            s = s * mask.unsqueeze(-1).to(s.dtype)  # broadcasts over the leading columns
+        return s
+
+    def _factor(
+        self,
+        outputs: Tensor,
+        targets: Tensor | None,
+        kind: str,
+        mc_samples: int,
+        generator: torch.Generator | None,
+        mask: Tensor | None,
+    ) -> Tensor:
         p = torch.softmax(outputs, dim=-1)
         n_classes = p.shape[-1]
         if kind == "exact":
@@ -121,13 +168,14 @@ class Categorical(Likelihood):
             if positions == 1:
                 return cols
             # one column per (position, class): only that position is non-zero
-            mask = torch.eye(positions, dtype=p.dtype, device=p.device)
-            mask = mask.reshape(positions, 1, 1, *p.shape[1:-1], 1)
-            out = cols.unsqueeze(0) * mask  # (P, C-1, N, ..., C)
+            mask_p = torch.eye(positions, dtype=p.dtype, device=p.device)
+            mask_p = mask_p.reshape(positions, 1, 1, *p.shape[1:-1], 1)
+            out = cols.unsqueeze(0) * mask_p  # (P, C-1, N, ..., C)
             return out.reshape(positions * cols.shape[0], *p.shape)
         if kind == "empirical":
             assert targets is not None
-            onehot = torch.nn.functional.one_hot(targets.long(), n_classes).to(p.dtype)
+            labels = targets.long() if mask is None else targets.long().masked_fill(~mask, 0)
+            onehot = torch.nn.functional.one_hot(labels, n_classes).to(p.dtype)
             return (p - onehot).unsqueeze(0)
         # sampled: inverse-CDF draws from the model's own predictive distribution
         u = _uniform((*p.shape[:-1], mc_samples), generator, p)
@@ -136,6 +184,9 @@ class Categorical(Likelihood):
         onehot = torch.nn.functional.one_hot(labels, n_classes).to(p.dtype)  # (N, ..., M, C)
         grads = (p.unsqueeze(-2) - onehot).movedim(-2, 0)
         return grads if mc_samples == 1 else grads / math.sqrt(mc_samples)
+
+    def config(self) -> dict[str, object]:  # noqa: D102
+        return {"name": self.name, "ignore_index": self.ignore_index}
 
 
 def _softmax_fisher_factor(p: Tensor) -> Tensor:

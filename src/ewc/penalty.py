@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from ._select import ParamSelector, select_params
 from .estimate import fisher_diagonal
 from .fisher import Fisher
 from .likelihoods import KINDS, Likelihood
@@ -39,6 +40,26 @@ __all__ = ["EWC", "L2", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 MODES = ("separate", "online")
+
+
+def _describe(params: ParamSelector) -> list[str] | str | None:
+    """JSON form of a parameter selector: patterns as a list, a predicate as ``"callable"``."""
+    if params is None:
+        return None
+    if isinstance(params, str):
+        return [params]
+    if callable(params):
+        return "callable"
+    return list(params)
+
+
+def _dtype_from_name(name: Any) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"the EWC state names an unknown fisher_dtype {name!r}")
+    return dtype
 
 
 def _check_lam(lam: float) -> float:
@@ -76,6 +97,15 @@ class EWC:
         gamma: Decay of old Fishers in ``"online"`` mode, in ``(0, 1]``.
         kind, likelihood, n_samples, mc_samples: Defaults for :meth:`consolidate`'s Fisher
             estimate (see :func:`ewc.fisher_diagonal`).
+        params: The parameters the penalty covers: ``None`` (every trainable parameter), a
+            name or :mod:`fnmatch` pattern, a list of them (e.g. ``["*.lora_*"]``), or a
+            predicate ``(name, param) -> bool``; only trainable parameters are selected. Names
+            and patterns are saved with the state; a predicate must be passed again to
+            :meth:`load`.
+        fisher_dtype: Storage dtype of the merged precision ``A`` (e.g. ``torch.bfloat16``
+            to halve its memory for a large model); ``None`` keeps each parameter's dtype.
+            The anchors stay in the parameters' dtype, so the penalty is exactly zero at the
+            optimum; sums are formed in the parameters' dtype before rounding.
 
     Example:
         >>> import torch
@@ -99,6 +129,8 @@ class EWC:
         likelihood: str | Likelihood | Callable[[Tensor, Tensor], Tensor] = "classification",
         n_samples: int | None = None,
         mc_samples: int = 1,
+        params: ParamSelector = None,
+        fisher_dtype: torch.dtype | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -112,6 +144,15 @@ class EWC:
         self.likelihood = likelihood
         self.n_samples = n_samples
         self.mc_samples = mc_samples
+        if fisher_dtype is not None and not (
+            isinstance(fisher_dtype, torch.dtype) and fisher_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"fisher_dtype must be a floating-point torch.dtype or None, got {fisher_dtype!r}"
+            )
+        self.params = params
+        self.fisher_dtype = fisher_dtype
+        select_params(self.model, params)  # fail early on a pattern that matches nothing
         self.precision: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.offset = torch.zeros((), dtype=torch.float64)
@@ -129,9 +170,7 @@ class EWC:
     def _check_fisher(self, fisher: Mapping[str, Tensor]) -> None:
         params = self._params()
         expected = (
-            set(self.precision)
-            if self.precision
-            else {n for n, p in params.items() if p.requires_grad}
+            set(self.precision) if self.precision else set(select_params(self.model, self.params))
         )
         got = set(fisher)
         if got != expected:
@@ -175,6 +214,7 @@ class EWC:
                 "likelihood": self.likelihood,
                 "n_samples": self.n_samples,
                 "mc_samples": self.mc_samples,
+                "params": self.params,
             }
             opts.update(fisher_kwargs)
             fisher = fisher_diagonal(self.model, data, **opts)  # type: ignore[arg-type]
@@ -194,19 +234,20 @@ class EWC:
         for n, f in fisher.items():
             theta = params[n].detach().clone()
             f = f.detach().to(device=theta.device, dtype=theta.dtype)
+            store = self.fisher_dtype or theta.dtype
             if n not in self.precision:
-                new_prec[n], new_anchor[n] = f.clone(), theta
+                new_prec[n], new_anchor[n] = f.to(store, copy=True), theta
                 continue
-            a, mu = self.precision[n], self.anchor[n]
+            a, mu = self.precision[n].to(theta.dtype), self.anchor[n]
             if self.mode == "online":
-                new_prec[n], new_anchor[n] = self.gamma * a + f, theta
+                new_prec[n], new_anchor[n] = (self.gamma * a + f).to(store), theta
                 continue
             a_new = a + f
             safe = torch.where(a_new > 0, a_new, torch.ones_like(a_new))
             w = torch.where(a_new > 0, f / safe, torch.ones_like(f))
             diff = theta - mu
             offset += (a * w * diff.square()).double().sum().cpu()
-            new_prec[n], new_anchor[n] = a_new, mu + w * diff
+            new_prec[n], new_anchor[n] = a_new.to(store), mu + w * diff
         self.precision, self.anchor = new_prec, new_anchor
         self.offset = offset if self.mode == "separate" else torch.zeros((), dtype=torch.float64)
 
@@ -274,6 +315,8 @@ class EWC:
             "gamma": self.gamma,
             "kind": self.kind,
             "likelihood": lik_desc,
+            "params": _describe(self.params),
+            "fisher_dtype": None if self.fisher_dtype is None else str(self.fisher_dtype),
             "tasks": self.tasks,
             "num_tasks": self.num_tasks,
         }
@@ -333,6 +376,10 @@ class EWC:
 
     @classmethod
     def _from_meta(cls, model: nn.Module, meta: Mapping[str, Any], **kwargs: Any) -> EWC:
+        saved = meta.get("params")
+        if isinstance(saved, list):
+            kwargs.setdefault("params", saved)
+        kwargs.setdefault("fisher_dtype", _dtype_from_name(meta.get("fisher_dtype")))
         try:
             return cls(
                 model,
@@ -408,7 +455,7 @@ class L2(EWC):
     ) -> Fisher:
         if fisher is not None:
             raise ValueError("L2 uses F = 1; it takes no fisher=")
-        names = self.precision or {n for n, p in self._params().items() if p.requires_grad}
+        names = self.precision or select_params(self.model, self.params)
         params = self._params()
         ones = Fisher({n: torch.ones_like(params[n]) for n in names}, kind="identity")
         return super().consolidate(fisher=ones)
