@@ -302,8 +302,8 @@ def test_layer_called_without_batch_dimension_goes_to_exact_path():
     model = PositionNet()
     ids = torch.randint(0, 5, (6, 4))
     y = torch.randint(0, 2, (6, 4))
-    fast, rest = estimate._partition(model, dict(model.named_parameters()), set())
-    assert "pos" in fast  # by type it has a rule; the batch-dimension check must exclude it
+    plan = estimate._Plan(model, dict(model.named_parameters()), set())
+    assert "pos" in plan.fast  # its (1, T) lookup is expanded to the batch while capturing
     got = ewc.fisher_diagonal(model, [(ids, y)], kind="empirical")
     want = naive_sequence_fisher(
         lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], "empirical"
@@ -391,9 +391,7 @@ def test_gpt2_causal_lm_fisher_matches_naive(kind, transformers):
     batches = _lm_batches()
     pairs = list(LMBatches(batches, shift=1))
     gen = torch.Generator().manual_seed(3) if kind == "sampled" else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tied/positional embeddings take the loop path
-        got = hf_fisher(model, batches, kind=kind, generator=gen)
+    got = hf_fisher(model, batches, kind=kind, generator=gen)
 
     def forward(inp):
         return model(**inp).logits[:, :-1]
@@ -402,17 +400,16 @@ def test_gpt2_causal_lm_fisher_matches_naive(kind, transformers):
     assert_fisher_close(got, want, rtol=1e-8, atol=1e-14)
 
 
-def test_gpt2_uses_the_closed_form_for_conv1d_and_subsets_skip_the_loop(transformers):
+def test_gpt2_every_parameter_has_a_closed_form(transformers):
     model = _gpt2(transformers)
-    fast, rest = estimate._partition(model, dict(model.named_parameters()), set())
-    assert "transformer.h.0.attn.c_attn" in fast and "transformer.h.1.mlp.c_proj" in fast
-    assert rest == ["transformer.wte.weight"]  # tied with lm_head: the generic path
+    plan = estimate._Plan(model, dict(model.named_parameters()), set())
+    assert "transformer.h.0.attn.c_attn" in plan.fast and "transformer.h.1.mlp.c_proj" in plan.fast
+    assert plan.rest == []
+    assert plan.ties == [("transformer.wte.weight", "lm_head", "transformer.wte")]
     batches = _lm_batches()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no per-sample loop when only the blocks are selected
+        warnings.simplefilter("error")  # no per-sample loop: tied and position embeddings too
         sub = hf_fisher(model, batches, kind="empirical", params="transformer.h.*", dtype=torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
         full = hf_fisher(model, batches, kind="empirical")
     assert sub and all(k.startswith("transformer.h.") for k in sub)
     for k in sub:
@@ -441,3 +438,39 @@ def test_bert_sequence_classifier_fisher_matches_naive(transformers):
         lambda inp: model(**inp).logits, dict(model.named_parameters()), pairs, "empirical"
     )
     assert_fisher_close(got, want, rtol=1e-8, atol=1e-14)
+
+
+# --- Tied input/output embeddings -----------------------------------------------------------
+class TiedNet(nn.Module):
+    """Token embedding tied to the output head, per position or pooled (2-D head input)."""
+
+    def __init__(self, vocab=9, d=4, pooled=False, padding_idx=None):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+        self.head.weight = self.emb.weight
+        self.pooled = pooled
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        return self.head(h.mean(1) if self.pooled else h)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["per-position", "pooled"])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_tied_embedding_and_head_match_naive(pooled, padding_idx, kind):
+    torch.manual_seed(0)
+    model = TiedNet(pooled=pooled, padding_idx=padding_idx)
+    plan = estimate._Plan(model, dict(model.named_parameters()), set())
+    assert plan.ties == [("emb.weight", "head", "emb")] and plan.rest == []
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 9, (7, 5), generator=g)
+    ids[0, :2] = 4  # a repeated token
+    y = torch.randint(0, 9, (7,) if pooled else (7, 5), generator=g)
+    got = ewc.fisher_diagonal(model, [(ids[:4], y[:4]), (ids[4:], y[4:])], kind=kind)
+    want = naive_sequence_fisher(
+        lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], kind
+    )
+    assert_fisher_close(got, want)

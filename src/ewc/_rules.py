@@ -90,6 +90,37 @@ def conv1d_transposed(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tens
     return out
 
 
+def tied_cross(x_lin: Tensor, g_lin: Tensor, idx: Tensor, g_emb: Tensor, emb: nn.Module) -> Tensor:
+    r"""Cross term of a weight ``W (V, d)`` tied between an embedding and a linear head.
+
+    Per sample the gradient is ``G_n = L_n + E_n`` with ``L_n = Σ_t g_lin,nt x_lin,ntᵀ`` (the
+    head) and ``E_n`` the embedding's rows ``E_n[r] = Σ_{t: idx_nt = r} g_emb,nt``. The layers'
+    own rules give ``Σ_n L_n²`` and ``Σ_n E_n²``; this returns the rest,
+    ``2 Σ_n L_n ⊙ E_n``, which is non-zero only on the rows a sample looks up:
+    ``L_n[idx_nt] = g_lin,n[:, idx_nt]ᵀ x_lin,n`` for each position ``t`` (one ``bmm``).
+
+    Shapes: ``x_lin (N, ..., d)``, ``g_lin (N, ..., V)``, ``idx (N, ...)``, ``g_emb (N, ..., d)``.
+    """
+    weight = emb.weight
+    vocab, dim = weight.shape
+    n = idx.shape[0]
+    xl = x_lin.reshape(n, -1, dim)
+    gl = g_lin.reshape(n, -1, vocab)
+    ids = idx.reshape(n, -1).long()
+    ge = g_emb.reshape(n, -1, dim)
+    if emb.padding_idx is not None:  # no gradient reaches the padding row through the lookup
+        ge = ge.masked_fill((ids == emb.padding_idx).unsqueeze(-1), 0.0)
+    t_lin, t_emb = xl.shape[1], ids.shape[1]
+    out = ge.new_zeros(vocab, dim)
+    step = _chunk(n, t_lin * t_emb + t_emb * dim)
+    for s in range(0, n, step):
+        sl = slice(s, s + step)
+        a = gl[sl].gather(2, ids[sl].unsqueeze(1).expand(-1, t_lin, -1))  # (n, T_lin, T_emb)
+        rows = torch.bmm(a.transpose(1, 2), xl[sl])  # (n, T_emb, d): L_n at the looked-up rows
+        out.index_add_(0, ids[sl].reshape(-1), (rows * ge[sl]).reshape(-1, dim))
+    return out.mul_(2.0)
+
+
 def factorises(module: nn.Module, x: Tensor) -> bool:
     """Whether the layer's rule only needs ``Σ_k g_k²`` (see :func:`linear_from_sq`)."""
     return type(module) is nn.Linear and x.dim() == 2

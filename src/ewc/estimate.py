@@ -81,37 +81,66 @@ OutputFn = Callable[[Any], Tensor]
 
 
 # --- Partition of the parameters --------------------------------------------------------
-def _partition(
-    model: nn.Module, trainable: dict[str, nn.Parameter], exclude: set[str]
-) -> tuple[dict[str, nn.Module], list[str]]:
-    """Split the selected parameters into layers with a closed form and the rest (fallback)."""
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
-    fast: dict[str, nn.Module] = {}
-    covered: set[str] = set()
-    for mname, module in model.named_modules():
-        if mname in exclude or _rules.rule_for(module) is None:
-            continue
-        own = {
-            f"{mname}.{n}" if mname else n: p
-            for n, p in module.named_parameters(recurse=False)
-            if p.requires_grad
-        }
-        own = {n: p for n, p in own.items() if n in trainable}
-        if not own:
-            continue  # nothing selected here (e.g. a frozen base layer beside LoRA adapters)
-        if any(owners[id(p)] > 1 for p in own.values()):
-            continue  # shared (tied) parameters: their per-sample gradients add up
-        fast[mname] = module
-        covered |= set(own)
-    rest = [n for n in trainable if n not in covered]
-    return fast, rest
+class _Plan:
+    """Which layers take a closed form, under which parameter names, and what is left over.
+
+    Attributes:
+        fast: Layers with a closed-form rule, by module name.
+        names: For each fast layer, its local parameter names -> the estimate's keys (the
+            names of ``model.named_parameters()``, so a tied weight has one key).
+        ties: ``(key, linear, embedding)`` for a weight shared by one ``nn.Linear`` (an output
+            head) and one ``nn.Embedding`` (the input table): each layer's closed form covers
+            its own term of ``(L_n + E_n)²`` and :func:`_rules.tied_cross` adds ``2 L_n E_n``.
+        rest: Selected parameters without a closed form (the generic path).
+    """
+
+    def __init__(self, model: nn.Module, trainable: dict[str, nn.Parameter], exclude: set[str]):
+        key = {id(p): n for n, p in trainable.items()}
+        owners: dict[int, list[tuple[str, nn.Module]]] = {}
+        for mname, module in model.named_modules(remove_duplicate=False):
+            for _, p in module.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append((mname, module))
+        tieable = {pid for pid, own in owners.items() if pid in key and _tieable(own, exclude)}
+        self.fast: dict[str, nn.Module] = {}
+        self.names: dict[str, dict[str, str]] = {}
+        self.ties: list[tuple[str, str, str]] = []
+        covered: set[str] = set()
+        for mname, module in model.named_modules():
+            if mname in exclude or _rules.rule_for(module) is None:
+                continue
+            own = {
+                local: p
+                for local, p in module.named_parameters(recurse=False)
+                if p.requires_grad and id(p) in key
+            }
+            if not own:
+                continue  # nothing selected here (e.g. a frozen base layer beside LoRA adapters)
+            if any(len(owners[id(p)]) > 1 and id(p) not in tieable for p in own.values()):
+                continue  # other shared parameters: their per-sample gradients add up
+            self.fast[mname] = module
+            self.names[mname] = {local: key[id(p)] for local, p in own.items()}
+            covered |= set(self.names[mname].values())
+        for pid in tieable:
+            (lin, _), (emb, _) = sorted(owners[pid], key=lambda o: type(o[1]) is nn.Embedding)
+            if lin in self.fast and emb in self.fast:
+                self.ties.append((key[pid], lin, emb))
+        self.rest = [n for n in trainable if n not in covered]
+
+
+def _tieable(own: list[tuple[str, nn.Module]], exclude: set[str]) -> bool:
+    """Whether a weight is shared by exactly one ``nn.Linear`` and one ``nn.Embedding``."""
+    if len(own) != 2 or any(m in exclude for m, _ in own):
+        return False
+    return (
+        {type(mod) for _, mod in own} == {nn.Linear, nn.Embedding}
+        and all(_rules.rule_for(mod) is not None for _, mod in own)
+        and own[0][1].weight is own[1][1].weight
+    )
 
 
 # --- Back-propagation of the factor columns ---------------------------------------------
 def _accumulate_fast(
-    fast: dict[str, nn.Module],
+    plan: _Plan,
     records: dict[str, list[tuple[Tensor, Tensor, int]]],
     z: Tensor,
     s: Tensor,
@@ -125,30 +154,37 @@ def _accumulate_fast(
     (A vmapped backward over the columns, ``is_grads_batched``, measured no faster here: most
     backward ops have no batching rule and are looped inside vmap anyway.)
     """
+    fast = plan.fast
     names = list(fast)
     outs = [records[n][0][1] for n in names]
     k = s.shape[0]
 
     def add(name: str, vals: dict[str, Tensor]) -> None:
-        for pname, val in vals.items():
-            full = f"{name}.{pname}" if name else pname
-            if full in sums:  # a layer's unselected parameter (``params=``) is dropped
+        for local, val in vals.items():
+            full = plan.names[name].get(local)
+            if full is not None:  # a layer's unselected parameter (``params=``) is dropped
                 sums[full] += val.to(sums[full].dtype)
 
     rules = {n: _rule(m) for n, m in fast.items()}  # looked up once, not per column
     squares: dict[str, Tensor] = {}
     for j in range(k):
         gs = torch.autograd.grad(z, outs, s[j], retain_graph=j < k - 1, allow_unused=True)
+        grads = {}
         for name, o, g in zip(names, outs, gs, strict=True):
             module, x = fast[name], records[name][0][0]
             g = o.new_zeros(o.shape) if g is None else g
+            grads[name] = g
             if _rules.factorises(module, x):
                 squares[name] = g.square() if j == 0 else squares[name].addcmul_(g, g)
             else:
                 add(name, rules[name](module, x, g.unsqueeze(0)))
+        for full, lin, emb in plan.ties:
+            cross = _rules.tied_cross(
+                records[lin][0][0], grads[lin], records[emb][0][0], grads[emb], fast[emb]
+            )
+            sums[full] += cross.to(sums[full].dtype)
     for name, g2 in squares.items():
-        prefix = f"{name}." if name else ""
-        into = {p: sums[prefix + p] for p in ("weight", "bias") if prefix + p in sums}
+        into = {local: sums[full] for local, full in plan.names[name].items()}
         add(name, _rules.linear_from_sq(fast[name], records[name][0][0], g2, into))
 
 
@@ -231,19 +267,45 @@ def _fallback_loop(
 
 # --- The estimator ----------------------------------------------------------------------
 class _Capture:
-    """Forward hooks that record each fast layer's input and output for one batch."""
+    """Forward hooks that record each fast layer's input and output for one batch.
 
-    def __init__(self, modules: dict[str, nn.Module], clone: bool) -> None:
+    With ``expand``, an ``nn.Embedding`` looked up with indices of batch dimension 1 while the
+    batch has ``size > 1`` samples (position embeddings broadcast over the batch) hands an
+    expanded ``(size, ...)`` view downstream, so the gradient reaching it is per sample.
+    Broadcasting gives the same forward values; ``expanded`` records whether it happened.
+    """
+
+    def __init__(
+        self, modules: dict[str, nn.Module], clone: bool, size: int, expand: bool = True
+    ) -> None:
         self.modules = modules
         self.clone = clone
+        self.size = size
+        self.expand = expand
+        self.expanded = False
         self.records: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-            self.records.setdefault(name, []).append((args[0].detach(), output, output._version))
+            x = args[0]
+            changed = False
+            if (
+                self.expand
+                and type(module) is nn.Embedding
+                and self.size > 1
+                and x.dim() > 0
+                and x.shape[0] == 1
+                and output.shape[0] == 1
+            ):
+                x = x.expand(self.size, *x.shape[1:])
+                output = output.expand(self.size, *output.shape[1:])
+                changed = self.expanded = True
+            self.records.setdefault(name, []).append((x.detach(), output, output._version))
             # a copy goes downstream, so in-place ops there leave the recorded output intact
-            return output.clone() if self.clone else None
+            if self.clone:
+                return output.clone()
+            return output if changed else None
 
         return hook
 
@@ -405,13 +467,14 @@ def _estimate(
     output_fn: OutputFn | None = None,
 ) -> Fisher:
     exclude: set[str] = set()
-    fast, rest = _partition(model, trainable, exclude)
+    plan = _Plan(model, trainable, exclude)
     # accumulate in at least float32 (half-precision sums of many squares lose everything)
     sums = {
         n: torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device)
         for n, p in trainable.items()
     }
     clone = False
+    expand = True  # expand broadcast embedding lookups (see _Capture)
     loop = False  # per-sample loop instead of vmap for the generic path
     seen = 0
     iterator: Iterable[Any] = data if n_samples != 0 else ()  # 0: this rank's share is empty
@@ -430,12 +493,17 @@ def _estimate(
         inputs = _to(inputs, device)
         targets = _to(targets, device) if targets is not None else None
         while True:
-            capture = _Capture(fast, clone)
+            capture = _Capture(plan.fast, clone, size, expand)
             try:
                 with torch.enable_grad():
                     z = _call(model, inputs)
                     if output_fn is not None:
                         z = output_fn(z)
+            except Exception:
+                if not capture.expanded:
+                    raise
+                expand = False  # the model rejected an expanded embedding: generic path
+                continue
             finally:
                 capture.remove()
             if not isinstance(z, Tensor):
@@ -444,7 +512,7 @@ def _estimate(
                 )
             bad = [
                 n
-                for n in fast
+                for n in plan.fast
                 if len(capture.records.get(n, ())) != 1
                 or capture.records[n][0][0].shape[:1] != (size,)
                 or capture.records[n][0][1].shape[:1] != (size,)
@@ -453,7 +521,7 @@ def _estimate(
                 # a layer called twice (or never), or on a tensor without the batch dimension
                 # (e.g. position embeddings broadcast over the batch): generic path
                 exclude |= set(bad)
-                fast, rest = _partition(model, trainable, exclude)
+                plan = _Plan(model, trainable, exclude)
                 continue
             if not clone and any(
                 o._version != v for recs in capture.records.values() for _, o, v in recs
@@ -473,25 +541,25 @@ def _estimate(
             )
         lik.check(z, targets, kind)
         s = lik.factor(z.detach(), targets, kind, mc_samples=mc_samples, generator=generator)
-        if fast:
-            _accumulate_fast(fast, capture.records, z, s, sums)
+        if plan.fast:
+            _accumulate_fast(plan, capture.records, z, s, sums)
         del capture, z
-        if rest:
+        if plan.rest:
             vals = None
             if not loop:
                 try:
-                    vals = _fallback(model, rest, inputs, s, output_fn)
+                    vals = _fallback(model, plan.rest, inputs, s, output_fn)
                 except RuntimeError as e:  # vmap cannot trace the model: loop over samples
                     loop = True
                     warnings.warn(
-                        f"per-sample gradients of {len(rest)} parameter(s) without a closed form "
-                        f"(e.g. {rest[0]!r}) fall back to one pass per sample, because "
+                        f"per-sample gradients of {len(plan.rest)} parameter(s) without a closed "
+                        f"form (e.g. {plan.rest[0]!r}) fall back to one pass per sample, because "
                         f"torch.func.vmap cannot trace the model ({str(e).splitlines()[0][:120]}); "
                         "leave them out with params= to skip this cost",
                         stacklevel=3,
                     )
             if vals is None:
-                vals = _fallback_loop(model, rest, inputs, s, output_fn)
+                vals = _fallback_loop(model, plan.rest, inputs, s, output_fn)
             for n, val in vals.items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size

@@ -147,8 +147,8 @@ class Categorical(Likelihood):
     ) -> Tensor:
         mask = self._mask(outputs, targets, kind)
         s = self._factor(outputs, targets, kind, mc_samples, generator, mask)
-        if mask is not None:
-            s = s * mask.unsqueeze(-1).to(s.dtype)  # broadcasts over the leading columns
+        if mask is not None:  # zero the ignored positions of every column
+            s.masked_fill_(~mask.unsqueeze(-1), 0.0)  # every branch returns a new tensor
         return s
 
     def _factor(
@@ -161,7 +161,6 @@ class Categorical(Likelihood):
         mask: Tensor | None,
     ) -> Tensor:
         p = torch.softmax(outputs, dim=-1)
-        n_classes = p.shape[-1]
         if kind == "exact":
             cols = _softmax_fisher_factor(p)  # (C-1, *outputs.shape)
             positions = math.prod(p.shape[1:-1])
@@ -175,18 +174,55 @@ class Categorical(Likelihood):
         if kind == "empirical":
             assert targets is not None
             labels = targets.long() if mask is None else targets.long().masked_fill(~mask, 0)
-            onehot = torch.nn.functional.one_hot(labels, n_classes).to(p.dtype)
-            return (p - onehot).unsqueeze(0)
+            return _minus_onehot(p.unsqueeze(0), labels.unsqueeze(0))
         # sampled: inverse-CDF draws from the model's own predictive distribution
         u = _uniform((*p.shape[:-1], mc_samples), generator, p)
-        cdf = p.double().cumsum(-1)
-        labels = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp_(max=n_classes - 1)
-        onehot = torch.nn.functional.one_hot(labels, n_classes).to(p.dtype)  # (N, ..., M, C)
-        grads = (p.unsqueeze(-2) - onehot).movedim(-2, 0)
-        return grads if mc_samples == 1 else grads / math.sqrt(mc_samples)
+        labels = _inverse_cdf(p, u)
+        grads = _minus_onehot(p.unsqueeze(0).expand(mc_samples, *p.shape), labels.movedim(-1, 0))
+        return grads if mc_samples == 1 else grads.div_(math.sqrt(mc_samples))
 
     def config(self) -> dict[str, object]:  # noqa: D102
         return {"name": self.name, "ignore_index": self.ignore_index}
+
+
+_BLOCK = 128  # classes per block of the two-level inverse-CDF search
+
+
+def _inverse_cdf(p: Tensor, u: Tensor) -> Tensor:
+    """Return the smallest class ``c`` with ``Σ_{c' ≤ c} p_c' ≥ u`` for each row and draw.
+
+    Shapes: ``p`` ``(..., C)``, ``u`` ``(..., M)`` float64, result ``(..., M)``.
+
+    Sums are formed in float64. For large ``C`` (a vocabulary) the search runs on block sums
+    first and then inside the chosen block, which avoids a sequential cumulative sum over ``C``.
+    """
+    n_classes = p.shape[-1]
+    if n_classes < 8 * _BLOCK:
+        cdf = p.double().cumsum(-1)
+        return torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp_(max=n_classes - 1)
+    pad = (-n_classes) % _BLOCK
+    pp = torch.nn.functional.pad(p, (0, pad)) if pad else p
+    blocks = pp.reshape(*p.shape[:-1], -1, _BLOCK)  # (..., B, K)
+    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (..., B)
+    b = torch.searchsorted(block_cdf.contiguous(), u.contiguous())
+    b = b.clamp_(max=blocks.shape[-2] - 1)  # (..., M)
+    before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)), 0.0)
+    inside = blocks.unsqueeze(-3).expand(*b.shape, -1, _BLOCK)  # (..., M, B, K) view
+    chosen = inside.gather(-2, b[..., None, None].expand(*b.shape, 1, _BLOCK)).squeeze(-2)
+    cdf = chosen.double().cumsum(-1) + before.unsqueeze(-1)  # (..., M, K)
+    k = torch.searchsorted(cdf.contiguous(), u.unsqueeze(-1).contiguous()).squeeze(-1)
+    return (b * _BLOCK + k.clamp_(max=_BLOCK - 1)).clamp_(max=n_classes - 1)
+
+
+def _minus_onehot(p: Tensor, labels: Tensor) -> Tensor:
+    """``p − onehot(labels)`` (the gradient of ``−log p_y`` in the logits) without a one-hot.
+
+    ``p`` is ``(M, ..., C)`` (possibly an expanded view), ``labels`` ``(M, ...)``; returns a new
+    tensor.
+    """
+    out = p.clone(memory_format=torch.contiguous_format)
+    out.scatter_add_(-1, labels.unsqueeze(-1), out.new_full((*labels.shape, 1), -1.0))
+    return out
 
 
 def _softmax_fisher_factor(p: Tensor) -> Tensor:
