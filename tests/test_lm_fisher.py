@@ -474,3 +474,17 @@ def test_tied_embedding_and_head_match_naive(pooled, padding_idx, kind):
         lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], kind
     )
     assert_fisher_close(got, want)
+
+
+def test_lm_batches_expose_the_distributed_sampler():
+    """The padding a DistributedSampler adds stays recognisable through the batch adapter."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from ewc import distributed as ewc_dist
+
+    rows = [{"input_ids": torch.tensor([i, i + 1])} for i in range(5)]
+    sampler = DistributedSampler(rows, num_replicas=2, rank=1, shuffle=False)
+    loader = DataLoader(rows, batch_size=2, sampler=sampler)
+    assert ewc_dist.find_sampler(LMBatches(loader)) is sampler
+    assert ewc_dist.local_limit(LMBatches(loader), None, None) == 2  # 3 indices, 1 padded
