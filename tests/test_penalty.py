@@ -282,3 +282,30 @@ def test_subset_and_dtype_survive_save_and_load(tmp_path):
     with pytest.raises(ValueError, match="another params= selection"):
         ewc.EWC.load(path, model)
     assert ewc.EWC.load(path, model, params=lambda n, p: n.startswith("2.")).num_tasks == 1
+
+
+def test_add_penalty_grad_on_a_subset_and_scaled():
+    model = _two_layer()
+    names = [n for n, _ in model.named_parameters()]
+    reg = ewc.EWC(model, lam=2.0)
+    reg.consolidate(fisher=_fake_fisher(model, names, 0))
+    _move(model, 4)
+    reg.add_penalty_grad()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    reg.add_penalty_grad(model[2].parameters(), scale=8.0)
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    torch.testing.assert_close(model[2].weight.grad, 8.0 * full["2.weight"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(model[2].bias.grad, 8.0 * full["2.bias"], rtol=1e-14, atol=0)
+    reg.add_penalty_grad([torch.zeros(3)])  # nothing penalised: a no-op
+
+
+def test_saved_metadata_does_not_change_with_later_tasks():
+    model = _two_layer()
+    names = [n for n, _ in model.named_parameters()]
+    reg = ewc.EWC(model, lam=1.0)
+    reg.consolidate(fisher=_fake_fisher(model, names, 0))
+    state = reg.state_dict()
+    reg.consolidate(fisher=_fake_fisher(model, names, 1))
+    assert len(state["metadata"]["tasks"]) == 1 and state["metadata"]["num_tasks"] == 1

@@ -281,22 +281,38 @@ class EWC:
     __call__ = penalty
 
     @torch.no_grad()
-    def add_penalty_grad(self) -> None:
-        """Add the penalty's gradient ``λ A ⊙ (θ − μ)`` to each parameter's ``.grad``.
+    def add_penalty_grad(
+        self, params: Iterable[Tensor] | None = None, *, scale: float = 1.0
+    ) -> None:
+        """Add the penalty's gradient ``scale · λ A ⊙ (θ − μ)`` to each parameter's ``.grad``.
 
         For training loops that cannot change the loss: call it after ``loss.backward()`` (after
         AMP unscaling) and before the optimizer step. Gives the same update as adding
         :meth:`penalty` to the loss, and is the cheaper of the two (no autograd graph).
+
+        Args:
+            params: Only these parameter tensors (e.g. those of the optimizer about to step,
+                when several optimizers share a model); ``None``: every penalised parameter.
+                Parameters the penalty does not cover are ignored.
+            scale: Multiplies the added gradient, e.g. a ``GradScaler``'s scale when the
+                gradients are still scaled.
         """
         if not self.precision:
             return
         ps, precs, anchors = self._operands()
+        if params is not None:
+            wanted = {id(p) for p in params}
+            keep = [i for i, p in enumerate(ps) if id(p) in wanted]
+            ps, precs, anchors = ([v[i] for i in keep] for v in (ps, precs, anchors))
+            if not ps:
+                return
         for p in ps:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         diffs = torch._foreach_sub(ps, anchors)
         grads = [p.grad for p in ps]
-        torch._foreach_addcmul_(grads, precs, diffs, value=self.lam)  # type: ignore[arg-type]
+        value = self.lam * float(scale)
+        torch._foreach_addcmul_(grads, precs, diffs, value=value)  # type: ignore[arg-type]
 
     # --- State --------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
@@ -317,7 +333,7 @@ class EWC:
             "likelihood": lik_desc,
             "params": _describe(self.params),
             "fisher_dtype": None if self.fisher_dtype is None else str(self.fisher_dtype),
-            "tasks": self.tasks,
+            "tasks": [dict(t) for t in self.tasks],  # a copy: later tasks do not change it
             "num_tasks": self.num_tasks,
         }
 
