@@ -5,8 +5,10 @@ round times the baseline (forward + backward of the model's own token-mean loss 
 batches) right before the method; the table reports the median ratio over rounds, so the figures
 are side-by-side ratios on a noisy machine. Rows: the sampled per-sequence Fisher of all
 parameters (GPT-2's tied token embedding and its position embedding, broadcast over the batch,
-take the exact per-sample path), of the transformer blocks only (``params="transformer.h.*"``:
-every layer has a closed form), and the same with bfloat16 storage.
+have closed forms too), of the transformer blocks only (``params="transformer.h.*"``), the same
+with bfloat16 storage, and one EWC penalty step (``add_penalty_grad()`` and the value plus
+backward of ``penalty()``) with the merged precision stored in bfloat16. ``--preset gpt2``
+is GPT-2 small (124M parameters, 1024-token context; for a GPU).
 
 Usage::
 
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+import ewc
 from ewc.integrations.lm import hf_fisher
 
 
@@ -45,8 +48,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="model dtype (float32 or bfloat16)")
+    ap.add_argument("--preset", choices=["gpt2"], help="GPT-2 small: 12 x 768, vocab 50257")
     ap.add_argument("--json", help="write the rows to this file")
     args = ap.parse_args()
+    if args.preset == "gpt2":
+        args.layers, args.width, args.vocab = 12, 768, 50257
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -57,7 +63,7 @@ def main() -> None:
         n_embd=args.width,
         n_head=max(1, args.width // 64),
         vocab_size=args.vocab,
-        n_positions=args.seq,
+        n_positions=max(args.seq, 1024 if args.preset else args.seq),
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -79,12 +85,30 @@ def main() -> None:
             model(**b, labels=b["input_ids"], use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
 
+    reg = ewc.EWC(model, lam=1.0, fisher_dtype=torch.bfloat16)
+    reg.consolidate(fisher=hf_fisher(model, batches[:1], dtype=torch.bfloat16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3)  # away from the anchor
+
+    def penalty_grad() -> None:
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        reg.add_penalty_grad()
+
+    def penalty_backward() -> None:
+        reg.penalty().backward()
+        model.zero_grad(set_to_none=True)
+
     methods: dict[str, Callable[[], object]] = {
         "fisher sampled, all parameters": lambda: hf_fisher(model, batches),
         "fisher sampled, blocks only": lambda: hf_fisher(model, batches, params="transformer.h.*"),
         "fisher sampled, blocks only, bf16 storage": lambda: hf_fisher(
             model, batches, params="transformer.h.*", dtype=torch.bfloat16
         ),
+        "EWC add_penalty_grad (bf16 precision)": penalty_grad,
+        "EWC penalty() + backward (bf16 precision)": penalty_backward,
     }
     rows = []
     base()  # warm-up
