@@ -488,3 +488,24 @@ def test_lm_batches_expose_the_distributed_sampler():
     loader = DataLoader(rows, batch_size=2, sampler=sampler)
     assert ewc_dist.find_sampler(LMBatches(loader)) is sampler
     assert ewc_dist.local_limit(LMBatches(loader), None, None) == 2  # 3 indices, 1 padded
+
+
+class BatchReducingPositions(PositionNet):
+    """Reduces the position embedding over its batch dimension: expanding it would change the
+    outputs, so the estimator must notice and use the exact generic path."""
+
+    def forward(self, input_ids):
+        pos = self.pos(torch.arange(input_ids.shape[1]).unsqueeze(0)).sum(0, keepdim=True)
+        return self.head(torch.tanh(self.tok(input_ids) + pos))
+
+
+def test_expanded_lookup_that_would_change_the_outputs_is_not_used():
+    torch.manual_seed(0)
+    model = BatchReducingPositions()
+    ids = torch.randint(0, 5, (6, 4))
+    y = torch.randint(0, 2, (6, 4))
+    got = ewc.fisher_diagonal(model, [(ids[:3], y[:3]), (ids[3:], y[3:])], kind="empirical")
+    want = naive_sequence_fisher(
+        lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], "empirical"
+    )
+    assert_fisher_close(got, want)

@@ -266,6 +266,18 @@ def _fallback_loop(
 
 
 # --- The estimator ----------------------------------------------------------------------
+@torch.no_grad()
+def _same_outputs(model: nn.Module, inputs: Any, output_fn: OutputFn | None, z: Tensor) -> bool:
+    """Whether a plain forward pass (no hooks) reproduces the outputs ``z``."""
+    ref = _call(model, inputs)
+    if output_fn is not None:
+        ref = output_fn(ref)
+    if not isinstance(ref, Tensor) or ref.shape != z.shape:
+        return False
+    tol = 1e-2 if z.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    return bool(torch.allclose(ref, z.detach(), rtol=tol * 10, atol=tol * float(ref.abs().max())))
+
+
 class _Capture:
     """Forward hooks that record each fast layer's input and output for one batch.
 
@@ -475,6 +487,7 @@ def _estimate(
     }
     clone = False
     expand = True  # expand broadcast embedding lookups (see _Capture)
+    expand_checked = False
     loop = False  # per-sample loop instead of vmap for the generic path
     seen = 0
     iterator: Iterable[Any] = data if n_samples != 0 else ()  # 0: this rank's share is empty
@@ -528,6 +541,13 @@ def _estimate(
             ):
                 clone = True  # an in-place op changed a layer output: capture copies instead
                 continue
+            if capture.expanded and not expand_checked:
+                # once: the expanded lookup must leave the model's outputs unchanged (it would
+                # not if the model reduced over the embedding's batch dimension)
+                expand_checked = True
+                if not _same_outputs(model, inputs, output_fn, z):
+                    expand = False
+                    continue
             break
         if z.shape[:1] != (size,):
             raise ValueError(
