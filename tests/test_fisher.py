@@ -33,8 +33,9 @@ def test_fast_path_is_actually_used(monkeypatch):
     assert seen == []
     model, x, y = make_case("fallback")
     ewc.fisher_diagonal(model, loader(x, y, 6), kind="empirical")
-    # Scale (no rule), the layer called twice, and the tied weight; inp/out stay fast
-    assert seen[0] == ["scale.alpha", "shared.bias", "shared.weight", "tied.weight"]
+    # the layer called twice and the weight tied between two Linear layers; inp/out stay fast
+    # and Scale (no closed form) takes the per-sample VJP of that module alone
+    assert seen[0] == ["shared.bias", "shared.weight", "tied.weight"]
 
 
 def test_multi_sample_sampled_matches_naive():
@@ -270,8 +271,8 @@ def test_fallback_with_non_tensor_arguments():
             self.scale = Scale(4)
             self.fc = nn.Linear(4, 6)
 
-        def forward(self, x, task):
-            return self.fc(torch.tanh(self.scale(x)))[:, 3 * task : 3 * task + 3]
+        def forward(self, x, task):  # scale called twice: the whole-model generic path
+            return self.fc(torch.tanh(self.scale(self.scale(x))))[:, 3 * task : 3 * task + 3]
 
     torch.manual_seed(0)
     model = Net()

@@ -509,3 +509,84 @@ def test_expanded_lookup_that_would_change_the_outputs_is_not_used():
         lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], "empirical"
     )
     assert_fisher_close(got, want)
+
+
+# --- Modules without a closed form: per-sample VJPs of the module alone ---------------------
+class MyRMSNorm(nn.Module):
+    """A model's own RMSNorm class (as in Llama-style models): no closed form registered."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class LeafItem(nn.Module):
+    """A leaf module with data-dependent control flow: vmap cannot trace it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * self.alpha if float(x.abs().sum()) >= 0 else x
+
+
+class KwargLeaf(MyRMSNorm):
+    def forward(self, x, *, eps=1e-6):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class NormNet(nn.Module):
+    def __init__(self, leaf, by_keyword=False):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.norm = leaf
+        self.head = nn.Linear(4, 3)
+        self.by_keyword = by_keyword
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = self.norm(h, eps=1e-5) if self.by_keyword else self.norm(h)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize(
+    "leaf, by_keyword, warns",
+    [(MyRMSNorm(4), False, False), (LeafItem(4), False, True), (KwargLeaf(4), True, False)],
+    ids=["rmsnorm-leaf-vjp", "untraceable-leaf", "called-with-kwargs"],
+)
+def test_modules_without_closed_form_match_naive(leaf, by_keyword, warns):
+    torch.manual_seed(0)
+    model = NormNet(leaf, by_keyword)
+    ids = torch.randint(0, 6, (7, 5))
+    y = torch.randint(0, 3, (7, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ewc.fisher_diagonal(model, [(ids[:4], y[:4]), (ids[4:], y[4:])], kind="empirical")
+    assert any("one pass per sample" in str(w.message) for w in caught) == warns
+    want = naive_sequence_fisher(
+        lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], "empirical"
+    )
+    assert_fisher_close(got, want)
+
+
+def test_llama_style_model_has_no_per_sample_loop_and_matches_naive(transformers):
+    cfg = transformers.LlamaConfig(
+        vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    batches = _lm_batches(vocab=13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = hf_fisher(model, batches, kind="empirical")
+    want = naive_sequence_fisher(
+        lambda inp: model(**inp).logits[:, :-1], dict(model.named_parameters()),
+        list(LMBatches(batches, shift=1)), "empirical",
+    )
+    assert_fisher_close(got, want, rtol=1e-8, atol=1e-14)

@@ -321,6 +321,34 @@ if hasattr(nn, "RMSNorm"):
     RULES[nn.RMSNorm] = (rms_norm, lambda m: True, ("weight",))
 
 
+# --- Any other leaf module: per-sample VJPs of the module alone ---------------------------
+def leaf_vjp(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Handle a module without children called as ``module(x)`` (e.g. a model's RMSNorm class).
+
+    The per-sample gradients of its own parameters are the vector-Jacobian products of the
+    module alone at ``x_n`` with the cotangents ``g_kn`` (``torch.func.vmap`` over the samples
+    of this one module, not of the whole model), squared and summed.
+    """
+    from torch.func import functional_call, vjp, vmap
+
+    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    const = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n not in params}
+    const.update(dict(module.named_buffers(recurse=False)))
+
+    def one(x_n: Tensor, g_n: Tensor) -> dict[str, Tensor]:
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(module, {**p, **const}, (x_n.unsqueeze(0),)).squeeze(0)
+
+        _, vjp_fn = vjp(f, params)
+        (grads,) = vmap(vjp_fn)(g_n)
+        return {n: v.square().sum(0) for n, v in grads.items()}
+
+    k, n = g.shape[:2]
+    numel = sum(p.numel() for p in params.values()) * k
+    per = vmap(one, chunk_size=_chunk(n, numel))(x, g.movedim(0, 1))
+    return {name: v.sum(0) for name, v in per.items()}
+
+
 # Layers of optional libraries, matched by qualified class name so they are never imported.
 RULES_BY_NAME: dict[str, tuple[Rule, Callable[[nn.Module], bool], tuple[str, ...]]] = {
     "transformers.pytorch_utils.Conv1D": (conv1d_transposed, lambda m: True, ("weight", "bias")),
@@ -335,7 +363,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     cls = type(module)
     entry = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     if entry is None:
-        return None
+        return leaf_vjp if is_generic_leaf(module) else None
     rule, ok, names = entry
     own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     if not own or any(n not in names for n in own) or not ok(module):
@@ -343,4 +371,14 @@ def rule_for(module: nn.Module) -> Rule | None:
     return rule
 
 
-__all__ = ["RULES", "RULES_BY_NAME", "rule_for"]
+def is_generic_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` takes :func:`leaf_vjp`: no rule, no children, own trainable params."""
+    cls = type(module)
+    if cls in RULES or f"{cls.__module__}.{cls.__qualname__}" in RULES_BY_NAME:
+        return False
+    if next(module.children(), None) is not None:
+        return False
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+__all__ = ["RULES", "RULES_BY_NAME", "rule_for", "leaf_vjp", "is_generic_leaf"]

@@ -266,6 +266,23 @@ def _fallback_loop(
 
 
 # --- The estimator ----------------------------------------------------------------------
+def _leaf_rule_ok(name: str, plan: _Plan, capture: _Capture) -> bool:
+    """Try a generic leaf module's per-sample VJP on one sample (modules with a closed form pass).
+
+    ``torch.func`` cannot trace every module (data-dependent control flow); such a module then
+    takes the whole-model generic path. Run once per module, before anything is accumulated.
+    """
+    module = plan.fast[name]
+    if _rules.rule_for(module) is not _rules.leaf_vjp:
+        return True
+    x, out, _ = capture.records[name][0]
+    try:
+        _rules.leaf_vjp(module, x[:1], torch.zeros_like(out[:1]).unsqueeze(0))
+    except Exception:
+        return False
+    return True
+
+
 @torch.no_grad()
 def _same_outputs(model: nn.Module, inputs: Any, output_fn: OutputFn | None, z: Tensor) -> bool:
     """Whether a plain forward pass (no hooks) reproduces the outputs ``z``."""
@@ -296,10 +313,20 @@ class _Capture:
         self.expand = expand
         self.expanded = False
         self.records: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        self.unusable: set[str] = set()  # called other than as module(tensor) -> tensor
+        self.handles = [
+            m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in modules.items()
+        ]
 
     def _hook(self, name: str) -> Callable[..., Tensor | None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Tensor | None:
+            if not (args and isinstance(args[0], Tensor) and isinstance(output, Tensor)) or (
+                _rules.is_generic_leaf(module) and (len(args) != 1 or kwargs)
+            ):
+                self.unusable.add(name)
+                return None
             x = args[0]
             changed = False
             if (
@@ -488,6 +515,7 @@ def _estimate(
     clone = False
     expand = True  # expand broadcast embedding lookups (see _Capture)
     expand_checked = False
+    verified: set[str] = set()  # fast layers whose rule is known to work on this model
     loop = False  # per-sample loop instead of vmap for the generic path
     seen = 0
     iterator: Iterable[Any] = data if n_samples != 0 else ()  # 0: this rank's share is empty
@@ -526,7 +554,8 @@ def _estimate(
             bad = [
                 n
                 for n in plan.fast
-                if len(capture.records.get(n, ())) != 1
+                if n in capture.unusable
+                or len(capture.records.get(n, ())) != 1
                 or capture.records[n][0][0].shape[:1] != (size,)
                 or capture.records[n][0][1].shape[:1] != (size,)
             ]
@@ -540,6 +569,14 @@ def _estimate(
                 o._version != v for recs in capture.records.values() for _, o, v in recs
             ):
                 clone = True  # an in-place op changed a layer output: capture copies instead
+                continue
+            failed = [
+                n for n in plan.fast if n not in verified and not _leaf_rule_ok(n, plan, capture)
+            ]
+            verified |= set(plan.fast)
+            if failed:  # vmap cannot trace this module alone: the whole-model generic path
+                exclude |= set(failed)
+                plan = _Plan(model, trainable, exclude)
                 continue
             if capture.expanded and not expand_checked:
                 # once: the expanded lookup must leave the model's outputs unchanged (it would
