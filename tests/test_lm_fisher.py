@@ -590,3 +590,16 @@ def test_llama_style_model_has_no_per_sample_loop_and_matches_naive(transformers
         list(LMBatches(batches, shift=1)), "empirical",
     )
     assert_fisher_close(got, want, rtol=1e-8, atol=1e-14)
+
+
+def test_model_returning_a_dict_without_output_fn_is_a_clear_error():
+    class Returns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"logits": self.lin(x)}
+
+    with pytest.raises(TypeError, match="output_fn="):
+        ewc.fisher_diagonal(Returns(), [torch.randn(4, 3)])

@@ -549,7 +549,9 @@ def _estimate(
                 capture.remove()
             if not isinstance(z, Tensor):
                 raise TypeError(
-                    f"the model must return a tensor of outputs, got {type(z).__name__}"
+                    f"the model must return a tensor of outputs, got {type(z).__name__}; pass "
+                    "output_fn= to pick it (e.g. output_fn=lambda out: out.logits), or use "
+                    "ewc.integrations.lm.hf_fisher for Hugging Face models"
                 )
             bad = [
                 n
