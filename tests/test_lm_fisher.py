@@ -603,3 +603,33 @@ def test_model_returning_a_dict_without_output_fn_is_a_clear_error():
 
     with pytest.raises(TypeError, match="output_fn="):
         ewc.fisher_diagonal(Returns(), [torch.randn(4, 3)])
+
+
+def test_peft_lora_adapters_only(transformers):
+    """A real LoRA model (peft): the Fisher covers the trainable adapters, every one fast."""
+    peft = pytest.importorskip("peft")
+    base = _gpt2(transformers)
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], lora_dropout=0.1)
+    ).double().eval()
+    for p in model.parameters():  # LoRA B starts at zero: move it so every gradient is non-zero
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    plan = estimate._Plan(model, trainable, set())
+    assert plan.rest == []
+    batches = _lm_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = hf_fisher(model, batches, kind="empirical")  # shift 1: PeftModelForCausalLM
+    assert sorted(got) == sorted(trainable)
+
+    def forward(inp):
+        return model(**inp).logits[:, :-1]
+
+    want = naive_sequence_fisher(forward, trainable, list(LMBatches(batches, shift=1)), "empirical")
+    assert_fisher_close(got, want, rtol=1e-8, atol=1e-14)
+    reg = ewc.EWC(model, lam=1.0)  # the penalty covers the adapters only
+    reg.consolidate(fisher=got)
+    assert sorted(reg.precision) == sorted(trainable)
