@@ -617,6 +617,7 @@ def test_peft_lora_adapters_only(transformers):
             torch.nn.init.normal_(p, std=0.3)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+    assert type(model).__name__ == "PeftModel" and causal_shift(model) == 1  # unwrapped
     plan = estimate._Plan(model, trainable, set())
     assert plan.rest == []
     batches = _lm_batches()

@@ -43,11 +43,19 @@ def causal_shift(model: nn.Module) -> int:
     """Return 1 for a causal language model (logits at ``t`` predict token ``t + 1``), else 0.
 
     Decided from the class name as Hugging Face names them (``*ForCausalLM``,
-    ``*LMHeadModel``, e.g. ``GPT2LMHeadModel``); pass ``shift=`` to :func:`hf_fisher` for
-    anything else.
+    ``*LMHeadModel``, e.g. ``GPT2LMHeadModel``), also inside a DDP or PEFT wrapper; pass
+    ``shift=`` to :func:`hf_fisher` for anything else.
     """
-    name = type(model).__name__
-    return 1 if name.endswith(_CAUSAL_SUFFIXES) else 0
+    seen: list[nn.Module] = [model]
+    for _ in range(4):  # unwrap DDP (.module) and PEFT (.get_base_model()) wrappers
+        m = seen[-1]
+        inner = m.__dict__.get("_modules", {}).get("module")
+        if inner is None and callable(getattr(type(m), "get_base_model", None)):
+            inner = m.get_base_model()  # type: ignore[operator]
+        if not isinstance(inner, nn.Module) or inner is m:
+            break
+        seen.append(inner)
+    return 1 if any(type(m).__name__.endswith(_CAUSAL_SUFFIXES) for m in seen) else 0
 
 
 class Logits:
@@ -194,7 +202,7 @@ def hf_fisher(
         A :class:`ewc.Fisher` keyed by the model's parameter names.
     """
     if shift is None:
-        shift = causal_shift(getattr(model, "module", model))
+        shift = causal_shift(model)
     if not isinstance(shift, int) or shift < 0:
         raise ValueError(f"shift must be a non-negative int, got {shift!r}")
     config = getattr(getattr(model, "module", model), "config", None)
