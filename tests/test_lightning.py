@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -628,17 +627,3 @@ def test_ddp_consolidates_on_every_rank_with_the_fisher_of_the_whole_data(tmp_pa
             torch.testing.assert_close(
                 r["state"]["tensors"][f"precision.{n}"], want[n], rtol=1e-12, atol=1e-15
             )
-
-
-# --- The example ------------------------------------------------------------------------------
-def test_lightning_example_ewc_keeps_task_a():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "lightning_two_tasks.py")],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
-    after = {m: float(a) for m, a in re.findall(r"^(\S+)\s+task A: [\d.]+ -> ([\d.]+)", out, re.M)}
-    assert set(after) == {"fine-tuning", "EWC"}, out
-    assert after["EWC"] > after["fine-tuning"] + 0.05, out
