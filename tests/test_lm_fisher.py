@@ -634,3 +634,30 @@ def test_peft_lora_adapters_only(transformers):
     reg = ewc.EWC(model, lam=1.0)  # the penalty covers the adapters only
     reg.consolidate(fisher=got)
     assert sorted(reg.precision) == sorted(trainable)
+
+
+class TiedSharedBias(TiedNet):
+    """The head's bias is also a second layer's bias (shared, not tieable), so the head cannot
+    take its closed form; the tied weight must then leave the embedding's closed form too."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Linear(9, 9)
+        self.head.bias = self.extra.bias
+
+    def forward(self, ids):
+        return self.extra(torch.tanh(super().forward(ids)))
+
+
+def test_tied_weight_whose_head_cannot_be_fast_goes_to_the_generic_path():
+    torch.manual_seed(0)
+    model = TiedSharedBias()
+    plan = estimate._Plan(model, dict(model.named_parameters()), set())
+    assert "head" not in plan.fast and "emb" not in plan.fast and "emb.weight" in plan.rest
+    ids = torch.randint(0, 9, (5, 4))
+    y = torch.randint(0, 9, (5, 4))
+    got = ewc.fisher_diagonal(model, [(ids, y)], kind="empirical")
+    want = naive_sequence_fisher(
+        lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], "empirical"
+    )
+    assert_fisher_close(got, want)

@@ -124,6 +124,10 @@ class _Plan:
             (lin, _), (emb, _) = sorted(owners[pid], key=lambda o: type(o[1]) is nn.Embedding)
             if lin in self.fast and emb in self.fast:
                 self.ties.append((key[pid], lin, emb))
+            else:  # one owner cannot take its closed form: the tied weight needs both or none
+                for m in (lin, emb):
+                    if self.fast.pop(m, None) is not None:
+                        covered -= set(self.names.pop(m).values())
         self.rest = [n for n in trainable if n not in covered]
 
 
