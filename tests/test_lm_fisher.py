@@ -661,3 +661,10 @@ def test_tied_weight_whose_head_cannot_be_fast_goes_to_the_generic_path():
         lambda inp: model(inp["x"]), dict(model.named_parameters()), [({"x": ids}, y)], "empirical"
     )
     assert_fisher_close(got, want)
+
+
+def test_exact_fisher_of_a_vocabulary_is_refused_with_advice():
+    model = nn.Linear(4, 1000)
+    x = torch.randn(8, 64, 4)
+    with pytest.raises(ValueError, match="use kind='sampled'"):
+        ewc.fisher_diagonal(model, [x], kind="exact")

@@ -162,8 +162,17 @@ class Categorical(Likelihood):
     ) -> Tensor:
         p = torch.softmax(outputs, dim=-1)
         if kind == "exact":
-            cols = _softmax_fisher_factor(p)  # (C-1, *outputs.shape)
             positions = math.prod(p.shape[1:-1])
+            size = positions * (p.shape[-1] - 1) * p.numel()
+            if size > _MAX_FACTOR_ELEMENTS:
+                raise ValueError(
+                    f"kind='exact' needs {positions} positions × {p.shape[-1] - 1} classes = "
+                    f"{positions * (p.shape[-1] - 1):,} backward passes per batch and a factor of "
+                    f"{size:,} elements for outputs of shape {tuple(p.shape)}; use "
+                    "kind='sampled' (mc_samples=... for a lower-variance estimate) or smaller "
+                    "batches"
+                )
+            cols = _softmax_fisher_factor(p)  # (C-1, *outputs.shape)
             if positions == 1:
                 return cols
             # one column per (position, class): only that position is non-zero
@@ -185,6 +194,7 @@ class Categorical(Likelihood):
         return {"name": self.name, "ignore_index": self.ignore_index}
 
 
+_MAX_FACTOR_ELEMENTS = 1 << 31  # the exact factor of a large vocabulary would not fit anyway
 _BLOCK = 128  # classes per block of the two-level inverse-CDF search
 
 
