@@ -363,7 +363,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     cls = type(module)
     entry = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     if entry is None:
-        return leaf_vjp if is_generic_leaf(module) else None
+        return leaf_vjp if _is_leaf(module) else None
     rule, ok, names = entry
     own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     if not own or any(n not in names for n in own) or not ok(module):
@@ -371,14 +371,11 @@ def rule_for(module: nn.Module) -> Rule | None:
     return rule
 
 
-def is_generic_leaf(module: nn.Module) -> bool:
-    """Whether ``module`` takes :func:`leaf_vjp`: no rule, no children, own trainable params."""
-    cls = type(module)
-    if cls in RULES or f"{cls.__module__}.{cls.__qualname__}" in RULES_BY_NAME:
-        return False
+def _is_leaf(module: nn.Module) -> bool:
+    """Whether a module has no children and owns trainable parameters (see :func:`leaf_vjp`)."""
     if next(module.children(), None) is not None:
         return False
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-__all__ = ["RULES", "RULES_BY_NAME", "rule_for", "leaf_vjp", "is_generic_leaf"]
+__all__ = ["RULES", "RULES_BY_NAME", "rule_for", "leaf_vjp"]

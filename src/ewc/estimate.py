@@ -86,6 +86,8 @@ class _Plan:
 
     Attributes:
         fast: Layers with a closed-form rule, by module name.
+        rules: Each fast layer's rule, looked up once.
+        leaves: Fast layers whose rule is the module-local VJP (:func:`_rules.leaf_vjp`).
         names: For each fast layer, its local parameter names -> the estimate's keys (the
             names of ``model.named_parameters()``, so a tied weight has one key).
         ties: ``(key, linear, embedding)`` for a weight shared by one ``nn.Linear`` (an output
@@ -102,11 +104,13 @@ class _Plan:
                 owners.setdefault(id(p), []).append((mname, module))
         tieable = {pid for pid, own in owners.items() if pid in key and _tieable(own, exclude)}
         self.fast: dict[str, nn.Module] = {}
+        self.rules: dict[str, _rules.Rule] = {}
         self.names: dict[str, dict[str, str]] = {}
         self.ties: list[tuple[str, str, str]] = []
         covered: set[str] = set()
         for mname, module in model.named_modules():
-            if mname in exclude or _rules.rule_for(module) is None:
+            rule = None if mname in exclude else _rules.rule_for(module)
+            if rule is None:
                 continue
             own = {
                 local: p
@@ -118,6 +122,7 @@ class _Plan:
             if any(len(owners[id(p)]) > 1 and id(p) not in tieable for p in own.values()):
                 continue  # other shared parameters: their per-sample gradients add up
             self.fast[mname] = module
+            self.rules[mname] = rule
             self.names[mname] = {local: key[id(p)] for local, p in own.items()}
             covered |= set(self.names[mname].values())
         for pid in tieable:
@@ -127,8 +132,10 @@ class _Plan:
             else:  # one owner cannot take its closed form: the tied weight needs both or none
                 for m in (lin, emb):
                     if self.fast.pop(m, None) is not None:
+                        del self.rules[m]
                         covered -= set(self.names.pop(m).values())
         self.rest = [n for n in trainable if n not in covered]
+        self.leaves = {n for n, r in self.rules.items() if r is _rules.leaf_vjp}
 
 
 def _tieable(own: list[tuple[str, nn.Module]], exclude: set[str]) -> bool:
@@ -169,7 +176,7 @@ def _accumulate_fast(
             if full is not None:  # a layer's unselected parameter (``params=``) is dropped
                 sums[full] += val.to(sums[full].dtype)
 
-    rules = {n: _rule(m) for n, m in fast.items()}  # looked up once, not per column
+    rules = plan.rules
     squares: dict[str, Tensor] = {}
     for j in range(k):
         gs = torch.autograd.grad(z, outs, s[j], retain_graph=j < k - 1, allow_unused=True)
@@ -190,12 +197,6 @@ def _accumulate_fast(
     for name, g2 in squares.items():
         into = {local: sums[full] for local, full in plan.names[name].items()}
         add(name, _rules.linear_from_sq(fast[name], records[name][0][0], g2, into))
-
-
-def _rule(module: nn.Module) -> _rules.Rule:
-    rule = _rules.rule_for(module)
-    assert rule is not None
-    return rule
 
 
 # --- Generic fallback: per-sample gradients with torch.func ------------------------------
@@ -276,9 +277,9 @@ def _leaf_rule_ok(name: str, plan: _Plan, capture: _Capture) -> bool:
     ``torch.func`` cannot trace every module (data-dependent control flow); such a module then
     takes the whole-model generic path. Run once per module, before anything is accumulated.
     """
-    module = plan.fast[name]
-    if _rules.rule_for(module) is not _rules.leaf_vjp:
+    if name not in plan.leaves:
         return True
+    module = plan.fast[name]
     x, out, _ = capture.records[name][0]
     try:
         _rules.leaf_vjp(module, x[:1], torch.zeros_like(out[:1]).unsqueeze(0))
@@ -309,9 +310,15 @@ class _Capture:
     """
 
     def __init__(
-        self, modules: dict[str, nn.Module], clone: bool, size: int, expand: bool = True
+        self,
+        modules: dict[str, nn.Module],
+        clone: bool,
+        size: int,
+        expand: bool = True,
+        single_input: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         self.modules = modules
+        self.single_input = single_input  # layers that must be called as module(x) exactly
         self.clone = clone
         self.size = size
         self.expand = expand
@@ -327,7 +334,7 @@ class _Capture:
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Tensor | None:
             if not (args and isinstance(args[0], Tensor) and isinstance(output, Tensor)) or (
-                _rules.is_generic_leaf(module) and (len(args) != 1 or kwargs)
+                name in self.single_input and (len(args) != 1 or kwargs)
             ):
                 self.unusable.add(name)
                 return None
@@ -538,7 +545,7 @@ def _estimate(
         inputs = _to(inputs, device)
         targets = _to(targets, device) if targets is not None else None
         while True:
-            capture = _Capture(plan.fast, clone, size, expand)
+            capture = _Capture(plan.fast, clone, size, expand, plan.leaves)
             try:
                 with torch.enable_grad():
                     z = _call(model, inputs)
