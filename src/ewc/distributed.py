@@ -32,7 +32,7 @@ are the inner module's, without the ``"module."`` prefix.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["Reduction", "resolve", "unwrap", "local_limit", "real_samples", "find_sampler"]
+__all__ = [
+    "Reduction",
+    "resolve",
+    "unwrap",
+    "local_limit",
+    "real_samples",
+    "find_sampler",
+    "MappedBatches",
+]
 
 _WRAPPERS: tuple[type[nn.Module], ...] = (
     nn.parallel.DistributedDataParallel,
@@ -135,6 +143,30 @@ def find_sampler(data: Iterable[Any]) -> DistributedSampler[Any] | None:
         return sampler
     sampler = getattr(getattr(data, "batch_sampler", None), "sampler", None)
     return sampler if isinstance(sampler, DistributedSampler) else None
+
+
+class MappedBatches:
+    """``data`` with ``fn`` applied to each batch; every other attribute is ``data``'s.
+
+    For adapting a loader's batches to the ``(inputs, targets)`` form of
+    :func:`ewc.fisher_diagonal` without hiding the loader: :func:`find_sampler` still sees its
+    ``sampler`` (and so the padding of a ``DistributedSampler``).
+    """
+
+    def __init__(self, data: Iterable[Any], fn: Callable[[Any], Any]) -> None:
+        self._data = data
+        self._fn = fn
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self._fn(batch) for batch in self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_data", "_fn"):
+            raise AttributeError(name)
+        return getattr(self._data, name)
 
 
 def _share(total: int, rank: int, world_size: int) -> int:

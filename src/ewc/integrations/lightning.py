@@ -86,11 +86,12 @@ parallel) flatten or shard the parameters that EWC keys by name and are refused 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from ..distributed import MappedBatches
 from ..fisher import Fisher
 from ..penalty import EWC
 
@@ -112,29 +113,6 @@ FisherData = Iterable[Any] | Callable[[pl.Trainer, pl.LightningModule], Iterable
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 _STATE_FORMAT = "ewc.lightning"
 _STATE_VERSION = 1
-
-
-class _MappedBatches:
-    """``data`` with ``fn`` applied to each batch; other attributes are ``data``'s.
-
-    Attribute access falls through to the wrapped loader so that :func:`ewc.fisher_diagonal`
-    still finds a ``DataLoader``'s ``sampler`` (its ``DistributedSampler`` padding).
-    """
-
-    def __init__(self, data: Iterable[Any], fn: Callable[[Any], Any]) -> None:
-        self._data = data
-        self._fn = fn
-
-    def __iter__(self) -> Iterator[Any]:
-        return (self._fn(batch) for batch in self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_data", "_fn"):
-            raise AttributeError(name)
-        return getattr(self._data, name)
 
 
 class EWCCallback(pl.Callback):
@@ -273,7 +251,7 @@ class EWCCallback(pl.Callback):
         elif callable(source) and not isinstance(source, Iterable):
             source = source(trainer, pl_module)
         if self.batch_to_fisher is not None:
-            source = _MappedBatches(source, self.batch_to_fisher)  # type: ignore[arg-type]
+            source = MappedBatches(source, self.batch_to_fisher)  # type: ignore[arg-type]
         return source  # type: ignore[return-value]
 
     def consolidate_task(

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .._select import ParamSelector
+from ..distributed import MappedBatches
 from ..estimate import fisher_diagonal
 from ..fisher import Fisher
 from ..likelihoods import Categorical
@@ -91,7 +92,7 @@ class Logits:
         return logits
 
 
-class LMBatches:
+class LMBatches(MappedBatches):
     """Turn dict batches into the ``(inputs, targets)`` pairs :func:`ewc.fisher_diagonal` reads.
 
     ``inputs`` is the batch without its label key (so the model does not compute a loss), plus
@@ -118,26 +119,24 @@ class LMBatches:
         label_key: str = "labels",
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        self.data = data
+        super().__init__(data, self._pair)
         self.shift = shift
         self.ignore_index = ignore_index
         self.label_key = label_key
         self.extra = dict(extra or {})
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "data":  # not yet set (e.g. during unpickling)
-            raise AttributeError(name)
-        return getattr(self.data, name)
-
     def __iter__(self) -> Iterator[tuple[dict[str, Any], Tensor | None]]:
-        for i, batch in enumerate(self.data):
+        for i, batch in enumerate(self._data):
             if not isinstance(batch, Mapping):
                 raise TypeError(
                     f"batch {i} is a {type(batch).__name__}; expected a dict of tensors such as "
                     "{'input_ids', 'attention_mask', 'labels'} (a Hugging Face collator's output)"
                 )
-            inputs = {k: v for k, v in batch.items() if k != self.label_key}
-            yield {**inputs, **self.extra}, self._targets(batch)
+            yield self._pair(batch)
+
+    def _pair(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
+        inputs = {k: v for k, v in batch.items() if k != self.label_key}
+        return {**inputs, **self.extra}, self._targets(batch)
 
     def _targets(self, batch: Mapping[str, Any]) -> Tensor | None:
         targets = batch.get(self.label_key)
