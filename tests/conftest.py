@@ -246,3 +246,49 @@ CASES = ["mlp", "seq_linear", "conv2d", "conv1d", "embedding", "fallback", "tran
 @pytest.fixture(params=CASES)
 def case(request):
     return request.param
+
+
+# --- torch.distributed: worker processes on the gloo backend --------------------------------
+def _gloo_entry(rank, world, port, outdir, worker, args, dtype, timeout):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_default_dtype(dtype)  # as in the parent (float64 here): the same initialisation
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    try:
+        worker(rank, outdir, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(worker, world, outdir, *args, timeout=120):
+    """Run ``worker(rank, outdir, *args)`` in ``world`` processes of one gloo process group.
+
+    Skips the test when gloo or a loopback port is not available.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+    except OSError as e:
+        pytest.skip(f"cannot bind a local port: {e}")
+    torch.multiprocessing.spawn(
+        _gloo_entry,
+        args=(world, port, str(outdir), worker, args, torch.get_default_dtype(), timeout),
+        nprocs=world,
+        join=True,
+    )

@@ -6,14 +6,12 @@ rank's tensors to a file; the tests compare them with single-process references 
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_fisher_close, loader
+from conftest import assert_fisher_close, loader, spawn_gloo
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
@@ -107,38 +105,14 @@ def _scenarios(rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        save_file(_scenarios(rank), os.path.join(outdir, f"rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _worker(rank: int, outdir: str) -> None:
+    save_file(_scenarios(rank), os.path.join(outdir, f"rank{rank}.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    try:
-        port = _free_port()
-    except OSError as e:
-        pytest.skip(f"cannot bind a local port: {e}")
     outdir = tmp_path_factory.mktemp("dist")
-    torch.multiprocessing.spawn(_worker, args=(WORLD, port, str(outdir)), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, WORLD, outdir, timeout=60)
     return [load_file(str(outdir / f"rank{r}.safetensors")) for r in range(WORLD)]
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -14,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
+from conftest import spawn_gloo  # noqa: E402
 
 import ewc  # noqa: E402
 from ewc.integrations import hf  # noqa: E402
@@ -362,44 +361,31 @@ def test_consolidate_lm_matches_brute_force(tmp_path: Path) -> None:
         assert torch.allclose(f2[n], fisher[n], rtol=1e-10, atol=1e-14)
 
 
-def _dist_worker(rank: int, world: int, port: int, outdir: str, dtype: torch.dtype) -> None:
-    import torch.distributed as dist
+def _dist_worker(rank: int, outdir: str) -> None:
     from safetensors.torch import save_file
 
-    torch.set_default_dtype(dtype)  # as in the parent (conftest sets float64): the same init
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
+    model = _gpt2()
+    data = [{"input_ids": s.tolist(), "idx": i} for i, s in enumerate(_dist_seqs())]
+    reg = ewc.EWC(model, lam=1.0)
+    trainer = EWCTrainer(
+        model=model,
+        args=_args(Path(outdir) / f"out{rank}"),
+        data_collator=_pad_collate,
+        ewc=reg,
     )
-    try:
-        model = _gpt2()
-        data = [{"input_ids": s.tolist(), "idx": i} for i, s in enumerate(_dist_seqs())]
-        reg = ewc.EWC(model, lam=1.0)
-        trainer = EWCTrainer(
-            model=model,
-            args=_args(Path(outdir) / f"out{rank}"),
-            data_collator=_pad_collate,
-            ewc=reg,
-        )
-        f_trainer = trainer.consolidate(data, batch_size=2, kind="empirical")
-        f_helper = hf.consolidate(
-            ewc.EWC(model, lam=1.0),
-            model,
-            [{"input_ids": d["input_ids"]} for d in data],
-            batch_size=2,
-            collate_fn=_pad_collate,
-            kind="empirical",
-        )
-        out = {f"trainer/{n}": t for n, t in f_trainer.items()}
-        out.update({f"helper/{n}": t for n, t in f_helper.items()})
-        out["n"] = torch.tensor([f_trainer.n_samples, f_helper.n_samples])
-        save_file(out, os.path.join(outdir, f"rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
+    f_trainer = trainer.consolidate(data, batch_size=2, kind="empirical")
+    f_helper = hf.consolidate(
+        ewc.EWC(model, lam=1.0),
+        model,
+        [{"input_ids": d["input_ids"]} for d in data],
+        batch_size=2,
+        collate_fn=_pad_collate,
+        kind="empirical",
+    )
+    out = {f"trainer/{n}": t for n, t in f_trainer.items()}
+    out.update({f"helper/{n}": t for n, t in f_helper.items()})
+    out["n"] = torch.tensor([f_trainer.n_samples, f_helper.n_samples])
+    save_file(out, os.path.join(outdir, f"rank{rank}.safetensors"))
 
 
 def _dist_seqs() -> list[torch.Tensor]:
@@ -410,17 +396,9 @@ def _dist_seqs() -> list[torch.Tensor]:
 def test_consolidate_under_torch_distributed(tmp_path: Path) -> None:
     # 5 sequences on 2 ranks: the DistributedSampler pads rank 1 with a repeat of sequence 0,
     # which must not be counted; every rank gets the single-process Fisher.
-    import torch.distributed as dist
     from safetensors.torch import load_file
 
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    torch.multiprocessing.spawn(
-        _dist_worker, args=(2, port, str(tmp_path), torch.get_default_dtype()), nprocs=2, join=True
-    )
+    spawn_gloo(_dist_worker, 2, tmp_path)
     ref = _brute_lm_fisher(_gpt2(), _dist_seqs())
     for rank in range(2):
         got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
