@@ -4,7 +4,6 @@ from conftest import CASES, assert_fisher_close, loader, make_case, naive_fisher
 from torch import nn
 
 import ewc
-from ewc import estimate
 
 
 @pytest.mark.parametrize("kind", ["empirical", "sampled", "exact"])
@@ -18,24 +17,19 @@ def test_every_layer_matches_naive_per_sample_loop(name, kind):
     assert got.n_samples == x.shape[0] and got.kind == kind
 
 
-def test_fast_path_is_actually_used(monkeypatch):
+def test_fast_path_is_actually_used():
     """The closed forms cover the supported layers; only the rest goes through torch.func."""
-    seen = []
-    real = estimate._fallback
-    monkeypatch.setattr(
-        estimate,
-        "_fallback",
-        lambda m, names, *a: (seen.append(sorted(names)), real(m, names, *a))[1],
-    )
     for name in ["mlp", "seq_linear", "conv2d", "conv1d", "embedding"]:
         model, x, y = make_case(name)
-        ewc.fisher_diagonal(model, loader(x, y, 6), kind="empirical")
-    assert seen == []
+        route = ewc.fisher_route(model, x)
+        assert route.rest == (), (name, str(route))
     model, x, y = make_case("fallback")
-    ewc.fisher_diagonal(model, loader(x, y, 6), kind="empirical")
+    route = ewc.fisher_route(model, x)
     # the layer called twice and the weight tied between two Linear layers; inp/out stay fast
     # and Scale (no closed form) takes the per-sample VJP of that module alone
-    assert seen[0] == ["shared.bias", "shared.weight", "tied.weight"]
+    assert sorted(route.rest) == ["shared.bias", "shared.weight", "tied.weight"]
+    assert {"inp", "out", "scale"} <= set(route.fast)
+    assert "called 2 times" in route.excluded["shared"]
 
 
 def test_multi_sample_sampled_matches_naive():

@@ -14,7 +14,7 @@ from conftest import assert_fisher_close
 from torch import nn
 
 import ewc
-from ewc import estimate
+from ewc._route import Partition
 from ewc.integrations.lm import LMBatches, causal_shift, hf_fisher
 
 IGNORE = -100
@@ -301,7 +301,7 @@ def test_layer_called_without_batch_dimension_goes_to_exact_path():
     model = PositionNet()
     ids = torch.randint(0, 5, (6, 4))
     y = torch.randint(0, 2, (6, 4))
-    plan = estimate._Plan(model, dict(model.named_parameters()), set())
+    plan = Partition.of(model, dict(model.named_parameters()), {})
     assert "pos" in plan.fast  # its (1, T) lookup is expanded to the batch while capturing
     got = ewc.fisher_diagonal(model, [(ids, y)], kind="empirical")
     want = naive_sequence_fisher(
@@ -401,10 +401,10 @@ def test_gpt2_causal_lm_fisher_matches_naive(kind, transformers):
 
 def test_gpt2_every_parameter_has_a_closed_form(transformers):
     model = _gpt2(transformers)
-    plan = estimate._Plan(model, dict(model.named_parameters()), set())
+    plan = Partition.of(model, dict(model.named_parameters()), {})
     assert "transformer.h.0.attn.c_attn" in plan.fast and "transformer.h.1.mlp.c_proj" in plan.fast
-    assert plan.rest == []
-    assert plan.ties == [("transformer.wte.weight", "lm_head", "transformer.wte")]
+    assert plan.rest == ()
+    assert plan.ties == (("transformer.wte.weight", "lm_head", "transformer.wte"),)
     batches = _lm_batches()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no per-sample loop: tied and position embeddings too
@@ -462,8 +462,8 @@ class TiedNet(nn.Module):
 def test_tied_embedding_and_head_match_naive(pooled, padding_idx, kind):
     torch.manual_seed(0)
     model = TiedNet(pooled=pooled, padding_idx=padding_idx)
-    plan = estimate._Plan(model, dict(model.named_parameters()), set())
-    assert plan.ties == [("emb.weight", "head", "emb")] and plan.rest == []
+    plan = Partition.of(model, dict(model.named_parameters()), {})
+    assert plan.ties == (("emb.weight", "head", "emb"),) and plan.rest == ()
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 9, (7, 5), generator=g)
     ids[0, :2] = 4  # a repeated token
@@ -617,8 +617,8 @@ def test_peft_lora_adapters_only(transformers):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert type(model).__name__ == "PeftModel" and causal_shift(model) == 1  # unwrapped
-    plan = estimate._Plan(model, trainable, set())
-    assert plan.rest == []
+    plan = Partition.of(model, trainable, {})
+    assert plan.rest == ()
     batches = _lm_batches()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -651,7 +651,7 @@ class TiedSharedBias(TiedNet):
 def test_tied_weight_whose_head_cannot_be_fast_goes_to_the_generic_path():
     torch.manual_seed(0)
     model = TiedSharedBias()
-    plan = estimate._Plan(model, dict(model.named_parameters()), set())
+    plan = Partition.of(model, dict(model.named_parameters()), {})
     assert "head" not in plan.fast and "emb" not in plan.fast and "emb.weight" in plan.rest
     ids = torch.randint(0, 9, (5, 4))
     y = torch.randint(0, 9, (5, 4))

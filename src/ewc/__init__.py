@@ -4,7 +4,7 @@ The diagonal Fisher is a per-sample mean, ``F_i = (1/N) Σ_n (∂ log p(y_n|x_n,
 penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
 """
 
-from .estimate import fisher_diagonal
+from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
 from .penalty import EWC, L2
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     # Fisher estimation
     "fisher_diagonal",
+    "fisher_route",
     "Fisher",
     # likelihoods
     "Likelihood",

@@ -16,15 +16,25 @@ without a per-sample loop. The per-sample gradient of a layer applied at several
 (a sequence, the pixels of a convolution) is the **sum over positions**; that sum is taken
 *inside* the square. Where the layer has no extra positions the square factorises and no
 per-sample gradient is materialised at all (for Linear: ``(Σ_k g²)ᵀ (x²)``, one matmul).
+
+Rules receive ``x`` and ``g`` in the accumulation dtype (float32, or float64 for a float64
+model), so squares never underflow in half precision; a rule registered ``native`` (the
+module-local VJP) takes them in the model's dtypes and casts before squaring. A rule is a
+closed form for a layer *type*; whether a given model uses the layer the way the rule assumes
+(rows are samples, the parameters are used only inside the layer's call, no hook changes its
+output) is checked against autograd by :mod:`ewc._verify` before the rule is trusted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+
+from ._options import acc_dtype
 
 Rule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
 
@@ -119,11 +129,6 @@ def tied_cross(x_lin: Tensor, g_lin: Tensor, idx: Tensor, g_emb: Tensor, emb: nn
         rows = torch.bmm(a.transpose(1, 2), xl[sl])  # (n, T_emb, d): L_n at the looked-up rows
         out.index_add_(0, ids[sl].reshape(-1), (rows * ge[sl]).reshape(-1, dim))
     return out.mul_(2.0)
-
-
-def factorises(module: nn.Module, x: Tensor) -> bool:
-    """Whether the layer's rule only needs ``Σ_k g_k²`` (see :func:`linear_from_sq`)."""
-    return type(module) is nn.Linear and x.dim() == 2
 
 
 def linear_from_sq(
@@ -286,13 +291,109 @@ def group_norm(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
     return _affine(module, xhat, g, (2,))
 
 
-# --- Which modules have a rule ----------------------------------------------------------
-def _conv_ok(m: nn.Module) -> bool:
-    return m.padding_mode == "zeros"
+# --- Any other leaf module: per-sample VJPs of the module alone ---------------------------
+def leaf_vjp(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Handle a module without children called as ``module(x)`` (e.g. a model's RMSNorm class).
+
+    The per-sample gradients of its own parameters are the vector-Jacobian products of the
+    module alone at ``x_n`` with the cotangents ``g_kn`` (``torch.func.vmap`` over the samples
+    of this one module, not of the whole model), squared in float32 or wider and summed. The
+    ``K`` columns are a Python loop inside the vmapped function, never a nested ``vmap``: some
+    batching rules (``nn.PReLU``'s) give wrong numbers under ``vmap(vmap(vjp))``.
+
+    ``x`` and ``g`` are in the module's own dtypes (the rule is registered ``native``).
+    """
+    from torch.func import functional_call, vjp, vmap
+
+    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    const = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n not in params}
+    const.update(dict(module.named_buffers(recurse=False)))
+    k, n = g.shape[:2]
+
+    def one(x_n: Tensor, g_n: Tensor) -> dict[str, Tensor]:
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(module, {**p, **const}, (x_n.unsqueeze(0),)).squeeze(0)
+
+        _, vjp_fn = vjp(f, params)
+        return sum_squares([vjp_fn(g_n[j])[0] for j in range(k)])
+
+    numel = sum(p.numel() for p in params.values()) * k
+    per = vmap(one, chunk_size=_chunk(n, numel))(x, g.movedim(0, 1))
+    return {name: v.sum(0) for name, v in per.items()}
 
 
-def _embedding_ok(m: nn.Module) -> bool:
-    return not m.scale_grad_by_freq and m.max_norm is None
+def sum_squares(grads: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``Σ_k grads[k]²`` per key, squared in float32 or wider (never in half precision)."""
+    out: dict[str, Tensor] = {}
+    for gk in grads:
+        for name, v in gk.items():
+            v = v.to(acc_dtype(v.dtype))
+            out[name] = v.square() if name not in out else out[name] + v.square()  # vmap-safe
+    return out
+
+
+# --- The registry -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerRule:
+    """A closed form for one layer type.
+
+    Attributes:
+        name: A readable name (shown by :func:`ewc.fisher_route`).
+        diagonal: ``rule(module, x, g) -> {local name: Σ_k Σ_n (per-sample gradient)²}``.
+        params: The local parameter names the rule covers; a layer with any other trainable
+            parameter of its own takes no rule.
+        applies: Whether the rule covers this instance (e.g. zero padding only).
+        factorised: On 2-D inputs the rule only needs ``Σ_k g_k²`` (:func:`linear_from_sq`).
+        native: The rule takes ``x`` and ``g`` in the model's dtypes and forms its squares in
+            float32 itself; other rules get both cast to the accumulation dtype.
+    """
+
+    name: str
+    diagonal: Rule
+    params: tuple[str, ...]
+    applies: Callable[[nn.Module], bool] = field(default=lambda m: True)
+    factorised: bool = False
+    native: bool = False
+
+
+RULES: dict[type[nn.Module], LayerRule] = {}
+# Layers of optional libraries, matched by qualified class name so they are never imported.
+RULES_BY_NAME: dict[str, LayerRule] = {}
+LEAF = LayerRule("module-local VJP", leaf_vjp, (), native=True)
+
+
+def register(
+    *types: type[nn.Module] | str,
+    params: tuple[str, ...] = ("weight", "bias"),
+    applies: Callable[[nn.Module], bool] | None = None,
+    factorised: bool = False,
+) -> Callable[[Rule], Rule]:
+    """Register the decorated function as the rule of ``types`` (classes or qualified names)."""
+
+    def deco(fn: Rule) -> Rule:
+        rule = LayerRule(
+            fn.__name__, fn, params, applies or (lambda m: True), factorised=factorised
+        )
+        for t in types:
+            if isinstance(t, str):
+                RULES_BY_NAME[t] = rule
+            else:
+                RULES[t] = rule
+        return fn
+
+    return deco
+
+
+register(nn.Linear, factorised=True)(linear)
+register("transformers.pytorch_utils.Conv1D")(conv1d_transposed)
+register(nn.Conv1d, nn.Conv2d, applies=lambda m: m.padding_mode == "zeros")(conv)
+register(
+    nn.Embedding,
+    params=("weight",),
+    applies=lambda m: not m.scale_grad_by_freq and m.max_norm is None,
+)(embedding)
+register(nn.LayerNorm)(layer_norm)
+register(nn.GroupNorm)(group_norm)
 
 
 def _bn_ok(m: nn.Module) -> bool:
@@ -306,67 +407,37 @@ def _bn_ok(m: nn.Module) -> bool:
     return True
 
 
-RULES: dict[type[nn.Module], tuple[Rule, Callable[[nn.Module], bool], tuple[str, ...]]] = {
-    nn.Linear: (linear, lambda m: True, ("weight", "bias")),
-    nn.Conv1d: (conv, _conv_ok, ("weight", "bias")),
-    nn.Conv2d: (conv, _conv_ok, ("weight", "bias")),
-    nn.Embedding: (embedding, _embedding_ok, ("weight",)),
-    nn.LayerNorm: (layer_norm, lambda m: True, ("weight", "bias")),
-    nn.GroupNorm: (group_norm, lambda m: True, ("weight", "bias")),
-    nn.BatchNorm1d: (batch_norm, _bn_ok, ("weight", "bias")),
-    nn.BatchNorm2d: (batch_norm, _bn_ok, ("weight", "bias")),
-    nn.BatchNorm3d: (batch_norm, _bn_ok, ("weight", "bias")),
-}
+register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, applies=_bn_ok)(batch_norm)
 if hasattr(nn, "RMSNorm"):
-    RULES[nn.RMSNorm] = (rms_norm, lambda m: True, ("weight",))
+    register(nn.RMSNorm, params=("weight",))(rms_norm)
 
 
-# --- Any other leaf module: per-sample VJPs of the module alone ---------------------------
-def leaf_vjp(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """Handle a module without children called as ``module(x)`` (e.g. a model's RMSNorm class).
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    The per-sample gradients of its own parameters are the vector-Jacobian products of the
-    module alone at ``x_n`` with the cotangents ``g_kn`` (``torch.func.vmap`` over the samples
-    of this one module, not of the whole model), squared and summed.
+
+def _registered(cls: type[nn.Module]) -> LayerRule | None:
+    """Return the rule of ``cls``, or of its nearest registered base if it keeps ``forward``.
+
+    A subclass that does not override ``forward`` (such as the classes FSDP2's ``fully_shard``
+    generates, ``FSDPLinear(FSDPModule, Linear)``) computes what its base computes; one that
+    overrides it may compute anything and takes no rule. Either way the estimator's probe checks
+    each rule against autograd before it is used.
     """
-    from torch.func import functional_call, vjp, vmap
-
-    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    const = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n not in params}
-    const.update(dict(module.named_buffers(recurse=False)))
-
-    def one(x_n: Tensor, g_n: Tensor) -> dict[str, Tensor]:
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(module, {**p, **const}, (x_n.unsqueeze(0),)).squeeze(0)
-
-        _, vjp_fn = vjp(f, params)
-        (grads,) = vmap(vjp_fn)(g_n)
-        return {n: v.square().sum(0) for n, v in grads.items()}
-
-    k, n = g.shape[:2]
-    numel = sum(p.numel() for p in params.values()) * k
-    per = vmap(one, chunk_size=_chunk(n, numel))(x, g.movedim(0, 1))
-    return {name: v.sum(0) for name, v in per.items()}
+    for base in cls.__mro__:
+        rule = RULES.get(base) or RULES_BY_NAME.get(_qualname(base))
+        if rule is not None:
+            return rule if cls.forward is base.forward else None
+    return None
 
 
-# Layers of optional libraries, matched by qualified class name so they are never imported.
-RULES_BY_NAME: dict[str, tuple[Rule, Callable[[nn.Module], bool], tuple[str, ...]]] = {
-    "transformers.pytorch_utils.Conv1D": (conv1d_transposed, lambda m: True, ("weight", "bias")),
-}
-
-
-def rule_for(module: nn.Module) -> Rule | None:
-    """Return the closed-form rule for ``module`` or ``None`` (use the generic fallback).
-
-    Only exact types match: a subclass may override ``forward``.
-    """
-    cls = type(module)
-    entry = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
-    if entry is None:
-        return leaf_vjp if _is_leaf(module) else None
-    rule, ok, names = entry
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """Return the rule for ``module``, :data:`LEAF` for other leaf modules, or ``None``."""
+    rule = _registered(type(module))
+    if rule is None:
+        return LEAF if _is_leaf(module) else None
     own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-    if not own or any(n not in names for n in own) or not ok(module):
+    if not own or any(n not in rule.params for n in own) or not rule.applies(module):
         return None
     return rule
 
@@ -378,4 +449,4 @@ def _is_leaf(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-__all__ = ["RULES", "RULES_BY_NAME", "rule_for", "leaf_vjp"]
+__all__ = ["LayerRule", "RULES", "RULES_BY_NAME", "LEAF", "register", "rule_for", "leaf_vjp"]

@@ -11,359 +11,96 @@ one column, the gradient ``∇_z log p(y_n | z_n)`` for a label drawn from the m
 the data; for ``kind="exact"`` the columns factor the output-space Fisher exactly, so the result
 is ``(1/N) Σ_n E_{y~p(·|x_n)}[(∂ log p(y|x_n)/∂θ)²]``.
 
-How it is computed: one forward pass per batch with hooks on the layers that have a closed form
-(:mod:`ewc._rules`), one backward pass from the outputs to those layers' outputs (one per factor
-column: ``C − 1`` for the exact softmax Fisher), and the closed-form sum of squared per-sample
-gradients per layer.
-Parameters of any other module go through a generic per-sample ``torch.func`` path.
+How it is computed, in three parts:
+
+* the **route** (:mod:`ewc._probe`, :mod:`ewc._route`, :mod:`ewc._verify`): which layers take a
+  closed form, decided once per input signature and checked against autograd on a sub-batch
+  before it is trusted;
+* the **per-batch math** (:func:`accumulate_fast` here, the rules of :mod:`ewc._rules`, the
+  generic paths of :mod:`ewc._generic`): one forward pass with hooks on the fast layers, one
+  backward pass per factor column from the outputs to those layers' outputs (``C − 1`` for the
+  exact softmax Fisher), the closed-form sums of squared per-sample gradients per layer, and
+  exact per-sample gradients for every other parameter;
+* the **loop** (:func:`_estimate`): moves batches, counts samples and reduces.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _rules
 from . import distributed as _dist
+from ._batches import batch_size, split_batch, take, to_device
+from ._capture import Record
+from ._generic import GENERIC_PATHS
+from ._options import FisherOptions, OutputFn, acc_dtype
+from ._probe import Router
+from ._route import Route
 from ._select import ParamSelector, select_params
 from .fisher import Fisher
-from .likelihoods import KINDS, Likelihood, get_likelihood
+from .likelihoods import Likelihood
 
-__all__ = ["fisher_diagonal"]
-
-
-# --- Batches ----------------------------------------------------------------------------
-def _split_batch(batch: Any, needs_targets: bool) -> tuple[Any, Tensor | None]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    if needs_targets:
-        raise ValueError(
-            "kind='empirical' needs (inputs, targets) batches; got a batch of type "
-            f"{type(batch).__name__}"
-            + (f" with {len(batch)} elements" if isinstance(batch, (tuple, list)) else "")
-        )
-    return batch, None
+__all__ = ["fisher_diagonal", "fisher_route", "accumulate_fast"]
 
 
-def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, Tensor) and inputs.dim() > 0:
-        return int(inputs.shape[0])
-    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor)]
-    if not leaves or leaves[0].dim() == 0:
-        raise ValueError("inputs must contain a tensor with a leading batch dimension")
-    return int(leaves[0].shape[0])
-
-
-def _to(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.to(device)
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
-
-
-def _take(tree: Any, n: int) -> Any:
-    return tree_map(lambda t: t[:n] if isinstance(t, Tensor) and t.dim() > 0 else t, tree)
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-OutputFn = Callable[[Any], Tensor]
-
-
-# --- Partition of the parameters --------------------------------------------------------
-class _Plan:
-    """Which layers take a closed form, under which parameter names, and what is left over.
-
-    Attributes:
-        fast: Layers with a closed-form rule, by module name.
-        rules: Each fast layer's rule, looked up once.
-        leaves: Fast layers whose rule is the module-local VJP (:func:`_rules.leaf_vjp`).
-        names: For each fast layer, its local parameter names -> the estimate's keys (the
-            names of ``model.named_parameters()``, so a tied weight has one key).
-        ties: ``(key, linear, embedding)`` for a weight shared by one ``nn.Linear`` (an output
-            head) and one ``nn.Embedding`` (the input table): each layer's closed form covers
-            its own term of ``(L_n + E_n)²`` and :func:`_rules.tied_cross` adds ``2 L_n E_n``.
-        rest: Selected parameters without a closed form (the generic path).
-    """
-
-    def __init__(self, model: nn.Module, trainable: dict[str, nn.Parameter], exclude: set[str]):
-        key = {id(p): n for n, p in trainable.items()}
-        owners: dict[int, list[tuple[str, nn.Module]]] = {}
-        for mname, module in model.named_modules(remove_duplicate=False):
-            for _, p in module.named_parameters(recurse=False):
-                owners.setdefault(id(p), []).append((mname, module))
-        tieable = {pid for pid, own in owners.items() if pid in key and _tieable(own, exclude)}
-        self.fast: dict[str, nn.Module] = {}
-        self.rules: dict[str, _rules.Rule] = {}
-        self.names: dict[str, dict[str, str]] = {}
-        self.ties: list[tuple[str, str, str]] = []
-        covered: set[str] = set()
-        for mname, module in model.named_modules():
-            rule = None if mname in exclude else _rules.rule_for(module)
-            if rule is None:
-                continue
-            own = {
-                local: p
-                for local, p in module.named_parameters(recurse=False)
-                if p.requires_grad and id(p) in key
-            }
-            if not own:
-                continue  # nothing selected here (e.g. a frozen base layer beside LoRA adapters)
-            if any(len(owners[id(p)]) > 1 and id(p) not in tieable for p in own.values()):
-                continue  # other shared parameters: their per-sample gradients add up
-            self.fast[mname] = module
-            self.rules[mname] = rule
-            self.names[mname] = {local: key[id(p)] for local, p in own.items()}
-            covered |= set(self.names[mname].values())
-        for pid in tieable:
-            (lin, _), (emb, _) = sorted(owners[pid], key=lambda o: type(o[1]) is nn.Embedding)
-            if lin in self.fast and emb in self.fast:
-                self.ties.append((key[pid], lin, emb))
-            else:  # one owner cannot take its closed form: the tied weight needs both or none
-                for m in (lin, emb):
-                    if self.fast.pop(m, None) is not None:
-                        del self.rules[m]
-                        covered -= set(self.names.pop(m).values())
-        self.rest = [n for n in trainable if n not in covered]
-        self.leaves = {n for n, r in self.rules.items() if r is _rules.leaf_vjp}
-
-
-def _tieable(own: list[tuple[str, nn.Module]], exclude: set[str]) -> bool:
-    """Whether a weight is shared by exactly one ``nn.Linear`` and one ``nn.Embedding``."""
-    if len(own) != 2 or any(m in exclude for m, _ in own):
-        return False
-    return (
-        {type(mod) for _, mod in own} == {nn.Linear, nn.Embedding}
-        and all(_rules.rule_for(mod) is not None for _, mod in own)
-        and own[0][1].weight is own[1][1].weight
-    )
-
-
-# --- Back-propagation of the factor columns ---------------------------------------------
-def _accumulate_fast(
-    plan: _Plan,
-    records: dict[str, list[tuple[Tensor, Tensor, int]]],
-    z: Tensor,
-    s: Tensor,
-    sums: dict[str, Tensor],
+# --- The per-batch math ------------------------------------------------------------------
+def accumulate_fast(
+    route: Route, records: Mapping[str, Record], z: Tensor, s: Tensor, sums: dict[str, Tensor]
 ) -> None:
     """Back-propagate the columns of ``s`` to the fast layers and add their closed forms.
 
     One backward pass per column (only to the layers' outputs: no weight gradients), the rules
     applied column by column so only one column's gradients are held at a time. Layers whose
     rule only needs ``Σ_k g_k²`` (Linear on 2-D inputs) accumulate that and do one matmul.
-    (A vmapped backward over the columns, ``is_grads_batched``, measured no faster here: most
-    backward ops have no batching rule and are looped inside vmap anyway.)
+    Layer outputs that do not require gradients (a layer called under ``torch.no_grad()``)
+    contribute zero. Squares are formed in the accumulators' dtype (float32 or wider).
     """
-    fast = plan.fast
-    names = list(fast)
-    outs = [records[n][0][1] for n in names]
+    part = route.partition
+    live = [n for n in part.fast if records[n].out.requires_grad]
+    if not live or not z.requires_grad:
+        return
+    outs = [records[n].out for n in live]
     k = s.shape[0]
 
     def add(name: str, vals: dict[str, Tensor]) -> None:
         for local, val in vals.items():
-            full = plan.names[name].get(local)
+            full = part.names[name].get(local)
             if full is not None:  # a layer's unselected parameter (``params=``) is dropped
                 sums[full] += val.to(sums[full].dtype)
 
-    rules = plan.rules
+    acc = acc_dtype(z.dtype)
+    xs = {n: _as(records[n].x, acc, part.rules[n]) for n in live}
     squares: dict[str, Tensor] = {}
     for j in range(k):
         gs = torch.autograd.grad(z, outs, s[j], retain_graph=j < k - 1, allow_unused=True)
         grads = {}
-        for name, o, g in zip(names, outs, gs, strict=True):
-            module, x = fast[name], records[name][0][0]
+        for name, o, g in zip(live, outs, gs, strict=True):
+            rule = part.rules[name]
             g = o.new_zeros(o.shape) if g is None else g
+            g = g if rule.native else g.to(acc)
             grads[name] = g
-            if _rules.factorises(module, x):
+            if rule.factorised and xs[name].dim() == 2:
                 squares[name] = g.square() if j == 0 else squares[name].addcmul_(g, g)
             else:
-                add(name, rules[name](module, x, g.unsqueeze(0)))
-        for full, lin, emb in plan.ties:
-            cross = _rules.tied_cross(
-                records[lin][0][0], grads[lin], records[emb][0][0], grads[emb], fast[emb]
-            )
-            sums[full] += cross.to(sums[full].dtype)
+                add(name, rule.diagonal(part.fast[name], xs[name], g.unsqueeze(0)))
+        for full, lin, emb in part.ties:
+            if lin in grads and emb in grads:
+                cross = _rules.tied_cross(xs[lin], grads[lin], xs[emb], grads[emb], part.fast[emb])
+                sums[full] += cross.to(sums[full].dtype)
     for name, g2 in squares.items():
-        into = {local: sums[full] for local, full in plan.names[name].items()}
-        add(name, _rules.linear_from_sq(fast[name], records[name][0][0], g2, into))
+        into = {local: sums[full] for local, full in part.names[name].items()}
+        add(name, _rules.linear_from_sq(part.fast[name], xs[name], g2, into))
 
 
-# --- Generic fallback: per-sample gradients with torch.func ------------------------------
-def _fallback(
-    model: nn.Module, names: list[str], inputs: Any, s: Tensor, output_fn: OutputFn | None
-) -> dict[str, Tensor]:
-    """``Σ_n Σ_k (∂<s_nk, z_n>/∂θ)²`` for the parameters ``names``, by vmap over samples."""
-    from torch.func import functional_call, vjp, vmap
-
-    params = dict(model.named_parameters())
-    sub = {n: params[n].detach() for n in names}
-    const: dict[str, Tensor] = {n: p.detach() for n, p in params.items() if n not in sub}
-    const.update(dict(model.named_buffers()))
-
-    def one(x: Any, s_n: Tensor) -> dict[str, Tensor]:
-        def f(p: dict[str, Tensor]) -> Tensor:
-            x1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
-            if isinstance(x1, Mapping):
-                out = functional_call(model, {**p, **const}, (), dict(x1))
-            elif isinstance(x1, (tuple, list)):
-                out = functional_call(model, {**p, **const}, tuple(x1))
-            else:
-                out = functional_call(model, {**p, **const}, (x1,))
-            if output_fn is not None:
-                out = output_fn(out)
-            return out.squeeze(0)
-
-        _, vjp_fn = vjp(f, sub)
-        (grads,) = vmap(vjp_fn)(s_n)
-        return {n: g.square().sum(0) for n, g in grads.items()}
-
-    numel = sum(p.numel() for p in sub.values()) * max(1, s.shape[0])
-    chunk = max(1, _rules._CHUNK_ELEMENTS // max(1, numel))
-    dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, inputs)
-    per = vmap(one, in_dims=(dims, 0), chunk_size=chunk)(inputs, s.movedim(0, 1))
-    return {n: g.sum(0) for n, g in per.items()}
+def _as(x: Tensor, dtype: torch.dtype, rule: _rules.LayerRule) -> Tensor:
+    return x if rule.native or not x.is_floating_point() else x.to(dtype)
 
 
-def _row(tree: Any, i: int) -> Any:
-    return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() > 0 else t, tree)
-
-
-def _fallback_loop(
-    model: nn.Module, names: list[str], inputs: Any, s: Tensor, output_fn: OutputFn | None
-) -> dict[str, Tensor]:
-    """Compute :func:`_fallback`'s sum with one forward pass per sample (no vmap).
-
-    For models that ``vmap`` cannot trace (data-dependent control flow, ``.item()``, as in
-    Hugging Face attention-mask code): exact, but ``N`` small passes instead of one.
-    """
-    params = dict(model.named_parameters())
-    sub = [params[n] for n in names]
-    out = {
-        n: torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device)
-        for n, p in zip(names, sub, strict=True)
-    }
-    k = s.shape[0]
-    for i in range(s.shape[1]):
-        x_i = _row(inputs, i)
-        with torch.enable_grad():
-            z = _call(model, x_i)
-            if output_fn is not None:
-                z = output_fn(z)
-        for j in range(k):
-            gs = torch.autograd.grad(
-                z, sub, s[j, i : i + 1], retain_graph=j < k - 1, allow_unused=True
-            )
-            for n, g in zip(names, gs, strict=True):
-                if g is not None:
-                    out[n].addcmul_(g, g)
-    return out
-
-
-# --- The estimator ----------------------------------------------------------------------
-def _leaf_rule_ok(name: str, plan: _Plan, capture: _Capture) -> bool:
-    """Try a generic leaf module's per-sample VJP on one sample (modules with a closed form pass).
-
-    ``torch.func`` cannot trace every module (data-dependent control flow); such a module then
-    takes the whole-model generic path. Run once per module, before anything is accumulated.
-    """
-    if name not in plan.leaves:
-        return True
-    module = plan.fast[name]
-    x, out, _ = capture.records[name][0]
-    try:
-        _rules.leaf_vjp(module, x[:1], torch.zeros_like(out[:1]).unsqueeze(0))
-    except Exception:
-        return False
-    return True
-
-
-@torch.no_grad()
-def _same_outputs(model: nn.Module, inputs: Any, output_fn: OutputFn | None, z: Tensor) -> bool:
-    """Whether a plain forward pass (no hooks) reproduces the outputs ``z``."""
-    ref = _call(model, inputs)
-    if output_fn is not None:
-        ref = output_fn(ref)
-    if not isinstance(ref, Tensor) or ref.shape != z.shape:
-        return False
-    tol = 1e-2 if z.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    return bool(torch.allclose(ref, z.detach(), rtol=tol * 10, atol=tol * float(ref.abs().max())))
-
-
-class _Capture:
-    """Forward hooks that record each fast layer's input and output for one batch.
-
-    With ``expand``, an ``nn.Embedding`` looked up with indices of batch dimension 1 while the
-    batch has ``size > 1`` samples (position embeddings broadcast over the batch) hands an
-    expanded ``(size, ...)`` view downstream, so the gradient reaching it is per sample.
-    Broadcasting gives the same forward values; ``expanded`` records whether it happened.
-    """
-
-    def __init__(
-        self,
-        modules: dict[str, nn.Module],
-        clone: bool,
-        size: int,
-        expand: bool = True,
-        single_input: frozenset[str] | set[str] = frozenset(),
-    ) -> None:
-        self.modules = modules
-        self.single_input = single_input  # layers that must be called as module(x) exactly
-        self.clone = clone
-        self.size = size
-        self.expand = expand
-        self.expanded = False
-        self.records: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
-        self.unusable: set[str] = set()  # called other than as module(tensor) -> tensor
-        self.handles = [
-            m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in modules.items()
-        ]
-
-    def _hook(self, name: str) -> Callable[..., Tensor | None]:
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> Tensor | None:
-            if not (args and isinstance(args[0], Tensor) and isinstance(output, Tensor)) or (
-                name in self.single_input and (len(args) != 1 or kwargs)
-            ):
-                self.unusable.add(name)
-                return None
-            x = args[0]
-            changed = False
-            if (
-                self.expand
-                and type(module) is nn.Embedding
-                and self.size > 1
-                and x.dim() > 0
-                and x.shape[0] == 1
-                and output.shape[0] == 1
-            ):
-                x = x.expand(self.size, *x.shape[1:])
-                output = output.expand(self.size, *output.shape[1:])
-                changed = self.expanded = True
-            self.records.setdefault(name, []).append((x.detach(), output, output._version))
-            # a copy goes downstream, so in-place ops there leave the recorded output intact
-            if self.clone:
-                return output.clone()
-            return output if changed else None
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
+# --- The public entry --------------------------------------------------------------------
 def fisher_diagonal(
     model: nn.Module,
     data: Iterable[Any],
@@ -458,191 +195,148 @@ def fisher_diagonal(
     The model's train/eval mode of every submodule, its parameters, buffers and any existing
     ``.grad`` are left as they were.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if n_samples is not None and (not isinstance(n_samples, int) or n_samples <= 0):
-        raise ValueError(f"n_samples must be a positive integer or None, got {n_samples!r}")
-    if not isinstance(mc_samples, int) or mc_samples <= 0:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    lik = get_likelihood(likelihood)
+    opts = FisherOptions(
+        kind=kind,
+        likelihood=likelihood,
+        n_samples=n_samples,
+        mc_samples=mc_samples,
+        params=params,
+        dtype=dtype,
+        output_fn=output_fn,
+        generator=generator,
+        progress=progress,
+        distributed=distributed,
+        group=group,
+    )
+    return estimate(model, data, opts)
+
+
+def estimate(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Fisher:
+    """:func:`fisher_diagonal` with its options as one validated object."""
     model = _dist.unwrap(model)
-    reduction = _dist.resolve(distributed, group)
-    n_samples = _dist.local_limit(data, n_samples, reduction)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    if output_fn is not None and not callable(output_fn):
-        raise ValueError(f"output_fn must be callable, got {type(output_fn).__name__}")
-    trainable = select_params(model, params)
-    device = next(iter(trainable.values())).device
+    reduction = _dist.resolve(opts.distributed, opts.group)
+    limit = _dist.local_limit(data, opts.n_samples, reduction)
+    trainable = select_params(model, opts.params)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        return _estimate(
-            model,
-            data,
-            kind,
-            n_samples,
-            lik,
-            progress,
-            generator,
-            mc_samples,
-            trainable,
-            device,
-            reduction,
-            dtype,
-            output_fn,
-        )
+        return _estimate(model, data, opts, trainable, limit, reduction)
     finally:
         for m, mode in modes.items():
             m.training = mode
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def _batches(
+    data: Iterable[Any], opts: FisherOptions, limit: int | None, device: torch.device
+) -> Iterator[tuple[int, Any, Tensor | None, int]]:
+    """Yield ``(index, inputs, targets, size)``, cut to ``limit`` samples, on ``device``."""
+    iterator: Iterable[Any] = data if limit != 0 else ()  # 0: this rank's share is empty
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"Fisher ({opts.kind})", unit="batch")
+    seen = 0
+    for idx, batch in enumerate(iterator):
+        inputs, targets = split_batch(batch, opts.kind == "empirical")
+        size = batch_size(inputs)
+        if limit is not None and seen + size > limit:
+            size = limit - seen
+            inputs, targets = take(inputs, size), take(targets, size)
+        if size == 0:
+            continue
+        targets = to_device(targets, device) if targets is not None else None
+        yield idx, to_device(inputs, device), targets, size
+        seen += size
+        if limit is not None and seen >= limit:
+            return
 
 
 def _estimate(
     model: nn.Module,
     data: Iterable[Any],
-    kind: str,
-    n_samples: int | None,
-    lik: Likelihood,
-    progress: bool,
-    generator: torch.Generator | None,
-    mc_samples: int,
+    opts: FisherOptions,
     trainable: dict[str, nn.Parameter],
-    device: torch.device,
-    reduction: _dist.Reduction | None = None,
-    dtype: torch.dtype | None = None,
-    output_fn: OutputFn | None = None,
+    limit: int | None,
+    reduction: _dist.Reduction | None,
 ) -> Fisher:
-    exclude: set[str] = set()
-    plan = _Plan(model, trainable, exclude)
-    # accumulate in at least float32 (half-precision sums of many squares lose everything)
+    device = next(iter(trainable.values())).device
     sums = {
-        n: torch.zeros(p.shape, dtype=_acc_dtype(p.dtype), device=p.device)
+        n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
         for n, p in trainable.items()
     }
-    clone = False
-    expand = True  # expand broadcast embedding lookups (see _Capture)
-    expand_checked = False
-    verified: set[str] = set()  # fast layers whose rule is known to work on this model
-    loop = False  # per-sample loop instead of vmap for the generic path
+    router = Router(model, trainable, opts)
     seen = 0
-    iterator: Iterable[Any] = data if n_samples != 0 else ()  # 0: this rank's share is empty
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc=f"Fisher ({kind})", unit="batch")
-    for batch_idx, batch in enumerate(iterator):
-        inputs, targets = _split_batch(batch, kind == "empirical")
-        size = _batch_size(inputs)
-        if n_samples is not None and seen + size > n_samples:
-            size = n_samples - seen
-            inputs, targets = _take(inputs, size), _take(targets, size)
-        if size == 0:
-            continue
-        inputs = _to(inputs, device)
-        targets = _to(targets, device) if targets is not None else None
-        while True:
-            capture = _Capture(plan.fast, clone, size, expand, plan.leaves)
-            try:
-                with torch.enable_grad():
-                    z = _call(model, inputs)
-                    if output_fn is not None:
-                        z = output_fn(z)
-            except Exception:
-                if not capture.expanded:
-                    raise
-                expand = False  # the model rejected an expanded embedding: generic path
-                continue
-            finally:
-                capture.remove()
-            if not isinstance(z, Tensor):
-                raise TypeError(
-                    f"the model must return a tensor of outputs, got {type(z).__name__}; pass "
-                    "output_fn= to pick it (e.g. output_fn=lambda out: out.logits), or use "
-                    "ewc.integrations.lm.hf_fisher for Hugging Face models"
-                )
-            bad = [
-                n
-                for n in plan.fast
-                if n in capture.unusable
-                or len(capture.records.get(n, ())) != 1
-                or capture.records[n][0][0].shape[:1] != (size,)
-                or capture.records[n][0][1].shape[:1] != (size,)
-            ]
-            if bad:
-                # a layer called twice (or never), or on a tensor without the batch dimension
-                # (e.g. position embeddings broadcast over the batch): generic path
-                exclude |= set(bad)
-                plan = _Plan(model, trainable, exclude)
-                continue
-            if not clone and any(
-                o._version != v for recs in capture.records.values() for _, o, v in recs
-            ):
-                clone = True  # an in-place op changed a layer output: capture copies instead
-                continue
-            failed = [
-                n for n in plan.fast if n not in verified and not _leaf_rule_ok(n, plan, capture)
-            ]
-            verified |= set(plan.fast)
-            if failed:  # vmap cannot trace this module alone: the whole-model generic path
-                exclude |= set(failed)
-                plan = _Plan(model, trainable, exclude)
-                continue
-            if capture.expanded and not expand_checked:
-                # once: the expanded lookup must leave the model's outputs unchanged (it would
-                # not if the model reduced over the embedding's batch dimension)
-                expand_checked = True
-                if not _same_outputs(model, inputs, output_fn, z):
-                    expand = False
-                    continue
-            break
-        if z.shape[:1] != (size,):
-            raise ValueError(
-                f"model output has shape {tuple(z.shape)}, expected a leading batch "
-                f"dimension of {size}"
+    for idx, inputs, targets, size in _batches(data, opts, limit, device):
+        route, z, records = router.forward(inputs, size)
+        s = _factor(z, targets, size, idx, opts)
+        accumulate_fast(route, records, z, s.to(z.dtype), sums)
+        del records, z
+        if route.rest:
+            router.warn_loop()
+            vals = GENERIC_PATHS[route.generic](
+                model, list(route.rest), inputs, route.layout, s, opts.output_fn
             )
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError(
-                f"the model produced non-finite outputs on batch {batch_idx}; the loss is not "
-                "finite (check the inputs and the weights)"
-            )
-        lik.check(z, targets, kind)
-        s = lik.factor(z.detach(), targets, kind, mc_samples=mc_samples, generator=generator)
-        if plan.fast:
-            _accumulate_fast(plan, capture.records, z, s, sums)
-        del capture, z
-        if plan.rest:
-            vals = None
-            if not loop:
-                try:
-                    vals = _fallback(model, plan.rest, inputs, s, output_fn)
-                except RuntimeError as e:  # vmap cannot trace the model: loop over samples
-                    loop = True
-                    warnings.warn(
-                        f"per-sample gradients of {len(plan.rest)} parameter(s) without a closed "
-                        f"form (e.g. {plan.rest[0]!r}) fall back to one pass per sample, because "
-                        f"torch.func.vmap cannot trace the model ({str(e).splitlines()[0][:120]}); "
-                        "leave them out with params= to skip this cost",
-                        stacklevel=3,
-                    )
-            if vals is None:
-                vals = _fallback_loop(model, plan.rest, inputs, s, output_fn)
             for n, val in vals.items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
-        if n_samples is not None and seen >= n_samples:
-            break
     if reduction is not None:  # Σ_r S_r and Σ_r N_r: the Fisher of the union of the shards
         seen = reduction.all_reduce(sums, seen)
     if seen == 0:
         raise ValueError("data yielded no samples: the Fisher needs at least one data point")
     fisher = Fisher(
-        {n: (v / seen).to(dtype or trainable[n].dtype) for n, v in sums.items()},
+        {n: (v / seen).to(opts.dtype or trainable[n].dtype) for n, v in sums.items()},
         n_samples=seen,
-        kind=kind,
+        kind=opts.kind,
     )
     fisher.validate()
     return fisher
+
+
+def _factor(z: Tensor, targets: Tensor | None, size: int, idx: int, opts: FisherOptions) -> Tensor:
+    """Check the outputs and targets of batch ``idx``; return the likelihood's factor columns.
+
+    The factor is formed from the outputs in float32 or wider (a half-precision softmax loses
+    the small probabilities) and cast to the outputs' dtype by the caller for the backward pass.
+    """
+    if z.shape[:1] != (size,):
+        raise ValueError(
+            f"model output has shape {tuple(z.shape)}, expected a leading batch dimension of {size}"
+        )
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(
+            f"the model produced non-finite outputs on batch {idx}; the loss is not finite "
+            "(check the inputs and the weights)"
+        )
+    lik = opts.lik
+    lik.check(z, targets, opts.kind)
+    zd = z.detach().to(acc_dtype(z.dtype))
+    return lik.factor(zd, targets, opts.kind, mc_samples=opts.mc_samples, generator=opts.generator)
+
+
+def fisher_route(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    params: ParamSelector = None,
+    output_fn: OutputFn | None = None,
+) -> Route:
+    """Show which path each layer of ``model`` takes for inputs like ``inputs``, and why.
+
+    Runs the estimator's probe on one batch of model inputs (a tensor, a tuple or a dict, as
+    the model takes them; nothing is accumulated) and returns the verified route;
+    ``print(route)`` gives one line per layer: its closed form, or the generic path and the
+    reason (a check against autograd that failed, a layer called twice, a shared parameter).
+    """
+    model = _dist.unwrap(model)
+    opts = FisherOptions(params=params, output_fn=output_fn)
+    trainable = select_params(model, params)
+    device = next(iter(trainable.values())).device
+    inputs = to_device(inputs, device)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        route, _, _ = Router(model, trainable, opts).forward(inputs, batch_size(inputs))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return route
