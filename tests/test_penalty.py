@@ -309,3 +309,35 @@ def test_saved_metadata_does_not_change_with_later_tasks():
     state = reg.state_dict()
     reg.consolidate(fisher=_fake_fisher(model, names, 1))
     assert len(state["metadata"]["tasks"]) == 1 and state["metadata"]["num_tasks"] == 1
+
+
+def test_frozen_parameters_move_with_neither_form():
+    """A backbone frozen after consolidation: add_penalty_grad must not give it a gradient
+    (an optimizer over model.parameters() would move it), exactly like penalty().backward()."""
+    torch.manual_seed(0)
+    updates = []
+    for inject in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        reg = ewc.EWC(model, lam=5.0)
+        reg.consolidate(fisher={n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3)
+        model[0].requires_grad_(False)  # freeze the first layer for task B
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        loss = model(torch.randn(5, 3)).square().mean()
+        if inject:
+            loss.backward()
+            reg.add_penalty_grad()
+        else:
+            (loss + reg.penalty()).backward()
+        opt.step()
+        assert model[0].weight.grad is None and model[0].bias.grad is None
+        updates.append({n: p.detach() - before[n] for n, p in model.named_parameters()})
+    for n in updates[0]:
+        torch.testing.assert_close(updates[0][n], updates[1][n], rtol=1e-12, atol=1e-14)
+    assert float(updates[0]["0.weight"].abs().max()) == 0.0
+    assert float(updates[0]["2.weight"].abs().max()) > 0.0

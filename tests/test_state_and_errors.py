@@ -134,6 +134,57 @@ def test_load_rejects_corrupted_and_foreign_files(tmp_path):
         ewc.EWC.load(str(tmp_path / "missing.safetensors"), model)
 
 
+def _corrupt(state, *, meta=None, tensors=None):
+    return {
+        "tensors": {**state["tensors"], **(tensors or {})},
+        "metadata": {**state["metadata"], **(meta or {})},
+    }
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tensors": {"offset": torch.tensor(math.nan, dtype=torch.float64)}}, "offset is nan"),
+        ({"tensors": {"offset": torch.tensor(math.inf, dtype=torch.float64)}}, "offset is inf"),
+        ({"tensors": {"offset": torch.tensor(-1.0, dtype=torch.float64)}}, "offset is -1.0"),
+        ({"tensors": {"offset": torch.zeros(2)}}, "scalar floating-point 'offset'"),
+        ({"meta": {"kind": "bogus"}}, "unknown kind 'bogus'"),
+        ({"meta": {"mode": "bogus"}}, "unknown mode 'bogus'"),
+        ({"meta": {"lam": -1.0}}, "lam must be >= 0"),
+        ({"meta": {"gamma": 2.0}}, "gamma must be in"),
+        ({"meta": {"tasks": "three"}}, "'tasks' must be a list"),
+        ({"meta": {"tasks": [1, 2, 3]}}, "task record 0 of the state is a int"),
+        ({"meta": {"tasks": [{"n_samples": -3, "kind": "sampled"}] * 3}}, "n_samples=-3"),
+        ({"meta": {"tasks": [{"n_samples": 12, "kind": 7}] * 3}}, "kind=7"),
+        ({"meta": {"tasks": [{"n_samples": 12, "oops": 1}] * 3}}, "unknown fields"),
+        ({"meta": {"tasks": [], "num_tasks": 0}}, "'tasks' list is empty"),
+        ({"meta": {"num_tasks": 5}}, "num_tasks=5"),
+    ],
+    ids=[
+        "nan-offset", "inf-offset", "negative-offset", "offset-shape", "kind", "mode", "lam",
+        "gamma", "tasks-not-list", "task-not-record", "task-n", "task-kind", "task-field",
+        "empty-tasks", "num-tasks",
+    ],
+)
+def test_load_state_dict_validates_every_field(change, message):
+    model, reg = _trained_ewc()
+    state = reg.state_dict()
+    before = reg.state_dict()
+    with pytest.raises(ValueError, match=message):
+        reg.load_state_dict(_corrupt(state, **change))
+    after = reg.state_dict()  # unchanged by the failed load
+    assert after["metadata"] == before["metadata"]
+    assert all(torch.equal(before["tensors"][k], after["tensors"][k]) for k in before["tensors"])
+    reg.load_state_dict(state)  # the unchanged state still loads
+
+
+def test_online_state_keeps_no_offset():
+    model, reg = _trained_ewc("online")
+    state = reg.state_dict()
+    with pytest.raises(ValueError, match="mode='online' keeps no offset"):
+        reg.load_state_dict(_corrupt(state, tensors={"offset": torch.tensor(2.0, dtype=torch.float64)}))
+
+
 # --- Bad input ----------------------------------------------------------------------------
 def _unchanged(model):
     snap = {k: v.clone() for k, v in model.state_dict().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._select import select_params
+from .likelihoods import KINDS
 
 if TYPE_CHECKING:
     from .penalty import EWC
@@ -86,14 +88,16 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
         )
     mode = meta.get("mode")
     if mode not in MODES:
-        raise ValueError(f"the state has an unknown mode {mode!r}")
-    lam, gamma = _check_lam(meta.get("lam")), _check_gamma(meta.get("gamma"))
-    tasks = meta.get("tasks")
-    if not isinstance(tasks, list):
-        raise ValueError("the state's metadata has no 'tasks' list")
-    if "offset" not in tensors or tensors["offset"].shape != ():
-        raise ValueError("the state has no scalar 'offset' tensor")
-    offset = tensors["offset"].to(torch.float64)
+        raise ValueError(f"the state has an unknown mode {mode!r}; expected one of {MODES}")
+    try:
+        lam, gamma = _check_lam(meta.get("lam")), _check_gamma(meta.get("gamma"))
+    except ValueError as e:
+        raise ValueError(f"the state's metadata: {e}") from e
+    kind = meta.get("kind", ewc.kind)
+    if kind not in KINDS:
+        raise ValueError(f"the state has an unknown kind {kind!r}; expected one of {KINDS}")
+    tasks = _check_tasks(meta)
+    offset = _check_offset(tensors, mode)
 
     params = dict(ewc.model.named_parameters())
     prec = {k[len("precision.") :]: v for k, v in tensors.items() if k.startswith("precision.")}
@@ -109,6 +113,10 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
         )
     if tasks and not prec:
         raise ValueError("the state lists tasks but holds no tensors")
+    if prec and not tasks:
+        raise ValueError(
+            "the state holds precision tensors but its 'tasks' list is empty: the file is corrupt"
+        )
     unknown = sorted(set(prec) - set(params))
     if unknown:
         raise ValueError(
@@ -152,5 +160,48 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             raise ValueError(f"precision of {n!r} has negative values: the file is corrupt")
         precision[n] = prec[n].detach().clone().to(p.device)
         anchor[n] = anch[n].detach().clone().to(p.device)
-    kind = meta.get("kind", ewc.kind)
-    return lam, gamma, mode, kind, list(tasks), precision, anchor, offset.clone()
+    return lam, gamma, mode, kind, tasks, precision, anchor, offset
+
+
+_TASK_FIELDS = {"n_samples", "kind"}
+
+
+def _check_tasks(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Return a copy of the metadata's task records, each checked; name the first bad one."""
+    tasks = meta.get("tasks")
+    if not isinstance(tasks, list):
+        raise ValueError(f"the state's metadata 'tasks' must be a list, got {type(tasks).__name__}")
+    out = []
+    for i, t in enumerate(tasks):
+        if not isinstance(t, Mapping):
+            raise ValueError(f"task record {i} of the state is a {type(t).__name__}, not a dict")
+        extra = sorted(set(t) - _TASK_FIELDS)
+        if extra:
+            raise ValueError(f"task record {i} of the state has unknown fields {extra}")
+        n = t.get("n_samples")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+            raise ValueError(f"task record {i} has n_samples={n!r}; expected an int > 0 or null")
+        if not isinstance(t.get("kind"), (str, type(None))):
+            raise ValueError(f"task record {i} has kind={t.get('kind')!r}; expected a str or null")
+        out.append(dict(t))
+    num = meta.get("num_tasks", len(out))
+    if num != len(out):
+        raise ValueError(f"the state says num_tasks={num!r} but lists {len(out)} task records")
+    return out
+
+
+def _check_offset(tensors: Mapping[str, Tensor], mode: str) -> Tensor:
+    """Return the merged quadratic's constant ``c`` (float64), checked: finite, >= 0."""
+    t = tensors.get("offset")
+    if not isinstance(t, Tensor) or t.shape != () or not t.is_floating_point():
+        raise ValueError("the state has no scalar floating-point 'offset' tensor")
+    offset = t.detach().to(torch.float64).clone()
+    value = float(offset)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"the state's offset is {value!r}; the constant of a sum of quadratics is finite and "
+            ">= 0: the file is corrupt"
+        )
+    if mode == "online" and value != 0.0:
+        raise ValueError(f"the state's offset is {value!r} but mode='online' keeps no offset")
+    return offset

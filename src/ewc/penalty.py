@@ -31,26 +31,16 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from ._options import FisherOptions, describe_params
 from ._select import ParamSelector, select_params
-from .estimate import fisher_diagonal
+from .estimate import estimate
 from .fisher import Fisher
-from .likelihoods import KINDS, Likelihood
+from .likelihoods import Likelihood
 
 __all__ = ["EWC", "L2", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 MODES = ("separate", "online")
-
-
-def _describe(params: ParamSelector) -> list[str] | str | None:
-    """JSON form of a parameter selector: patterns as a list, a predicate as ``"callable"``."""
-    if params is None:
-        return None
-    if isinstance(params, str):
-        return [params]
-    if callable(params):
-        return "callable"
-    return list(params)
 
 
 def _dtype_from_name(name: Any) -> torch.dtype | None:
@@ -134,29 +124,56 @@ class EWC:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.model = _dist.unwrap(model)
         self.lam = _check_lam(lam)
         self.gamma = _check_gamma(gamma)
         self.mode = mode
-        self.kind = kind
-        self.likelihood = likelihood
-        self.n_samples = n_samples
-        self.mc_samples = mc_samples
+        # the defaults of every consolidation's estimate, validated once
+        self.options = FisherOptions(
+            kind=kind,
+            likelihood=likelihood,
+            n_samples=n_samples,
+            mc_samples=mc_samples,
+            params=params,
+        )
+        self.likelihood = likelihood  # as given (a name is saved as the name)
         if fisher_dtype is not None and not (
             isinstance(fisher_dtype, torch.dtype) and fisher_dtype.is_floating_point
         ):
             raise ValueError(
                 f"fisher_dtype must be a floating-point torch.dtype or None, got {fisher_dtype!r}"
             )
-        self.params = params
         self.fisher_dtype = fisher_dtype
         select_params(self.model, params)  # fail early on a pattern that matches nothing
         self.precision: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.offset = torch.zeros((), dtype=torch.float64)
         self.tasks: list[dict[str, Any]] = []
+
+    # --- The estimate's defaults -------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """The default ``kind`` of a consolidation's Fisher estimate."""
+        return self.options.kind
+
+    @kind.setter
+    def kind(self, value: str) -> None:
+        self.options = self.options.replace(kind=value)
+
+    @property
+    def n_samples(self) -> int | None:
+        """The default ``n_samples`` of a consolidation's Fisher estimate."""
+        return self.options.n_samples
+
+    @property
+    def mc_samples(self) -> int:
+        """The default ``mc_samples`` of a consolidation's Fisher estimate."""
+        return self.options.mc_samples
+
+    @property
+    def params(self) -> ParamSelector:
+        """The parameters the penalty covers (a selector, see :func:`ewc.fisher_diagonal`)."""
+        return self.options.params
 
     # --- Recording tasks --------------------------------------------------------------
     @property
@@ -209,15 +226,8 @@ class EWC:
         if (data is None) == (fisher is None):
             raise ValueError("consolidate needs exactly one of `data` or `fisher=`")
         if fisher is None:
-            opts: dict[str, Any] = {
-                "kind": self.kind,
-                "likelihood": self.likelihood,
-                "n_samples": self.n_samples,
-                "mc_samples": self.mc_samples,
-                "params": self.params,
-            }
-            opts.update(fisher_kwargs)
-            fisher = fisher_diagonal(self.model, data, **opts)  # type: ignore[arg-type]
+            assert data is not None
+            fisher = estimate(self.model, data, self.options.replace(**fisher_kwargs))
         self._check_fisher(fisher)
         if not isinstance(fisher, Fisher):
             fisher = Fisher(fisher)
@@ -289,6 +299,9 @@ class EWC:
         For training loops that cannot change the loss: call it after ``loss.backward()`` (after
         AMP unscaling) and before the optimizer step. Gives the same update as adding
         :meth:`penalty` to the loss, and is the cheaper of the two (no autograd graph).
+        Parameters with ``requires_grad=False`` (frozen after consolidation) are skipped, as
+        autograd skips them for :meth:`penalty`, so an optimizer over all parameters does not
+        move them.
 
         Args:
             params: Only these parameter tensors (e.g. those of the optimizer about to step,
@@ -300,12 +313,15 @@ class EWC:
         if not self.precision:
             return
         ps, precs, anchors = self._operands()
-        if params is not None:
-            wanted = {id(p) for p in params}
-            keep = [i for i, p in enumerate(ps) if id(p) in wanted]
+        wanted = None if params is None else {id(p) for p in params}
+        # a parameter frozen since (requires_grad=False) gets no gradient, as with penalty()
+        keep = [
+            i for i, p in enumerate(ps) if p.requires_grad and (wanted is None or id(p) in wanted)
+        ]
+        if len(keep) < len(ps):
             ps, precs, anchors = ([v[i] for i in keep] for v in (ps, precs, anchors))
-            if not ps:
-                return
+        if not ps:
+            return
         for p in ps:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -331,7 +347,7 @@ class EWC:
             "gamma": self.gamma,
             "kind": self.kind,
             "likelihood": lik_desc,
-            "params": _describe(self.params),
+            "params": describe_params(self.params),
             "fisher_dtype": None if self.fisher_dtype is None else str(self.fisher_dtype),
             "tasks": [dict(t) for t in self.tasks],  # a copy: later tasks do not change it
             "num_tasks": self.num_tasks,
