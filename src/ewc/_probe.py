@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import _rules
 from ._batches import Layout, call
 from ._capture import Capture, Record
+from ._generic import loop_squares, vmap_squares
 from ._options import FisherOptions
 from ._route import Partition, Route, route_key
 from ._verify import LEAK, Verdict, check_sample, rel_err, tolerance
@@ -139,10 +140,10 @@ class Router:
             elif len(recs) > 1:
                 why = f"it is called {len(recs)} times in one forward pass"
             elif recs[0].x.shape[:1] != (size,) or recs[0].out.shape[:1] != (size,):
-                lead = recs[0].out.shape[0] if recs[0].out.dim() else "no"
+                lead = recs[0].out.shape[0] if recs[0].out.dim() else "none"
                 why = self.unexpanded.get(name) or (
-                    f"its output has leading dimension {lead}, not the batch size {size} (a "
-                    "sequence-first layout, or a tensor without the batch dimension)"
+                    f"the leading dimension of its output ({lead}) does not index the samples "
+                    "(a sequence-first layout, or a tensor without the batch dimension)"
                 )
             if why is not None:
                 self.excluded[name] = why
@@ -265,7 +266,7 @@ class Router:
             if route.generic == "vmap":
                 self.generic, self.why_loop = "loop", generic
                 return True
-            alt = self._alternatives(route, inputs, size)
+            alt = self._alternatives(route)
             if alt is None:
                 raise ValueError(
                     "the per-sample gradients of the parameters without a closed form do not "
@@ -279,15 +280,10 @@ class Router:
         return bool(failed)
 
     # --- Which inputs are per sample ----------------------------------------------------
-    def _alternatives(self, route: Route, inputs: Any, size: int) -> Layout | None:
-        """Return the next layout with more leaves shared, or ``None`` when none is left."""
+    def _alternatives(self, route: Route) -> Layout | None:
+        """Return the layout with one more input shared, or ``None`` when none is left."""
         ambiguous = route.layout.ambiguous[1:]  # the first tensor defines the batch size
-        tried = self.shared.get(str(route.layout.spec), set())
-        for r in range(1, len(ambiguous) + 1):
-            for subset in itertools.combinations(ambiguous, r):
-                if not set(subset) <= tried:
-                    return route.layout.with_shared(subset)
-        return None
+        return route.layout.with_shared(ambiguous[:1]) if ambiguous else None
 
     def _share(self, layout: Layout) -> None:
         idx = {i for i, f in enumerate(layout.batched) if f is False}
@@ -326,16 +322,30 @@ class Router:
             "bind such an input in the model or give it a leading dimension of 1"
         )
 
-    def warn_loop(self, stacklevel: int = 4) -> None:
+    def generic_squares(self, route: Route, inputs: Any, s: Tensor) -> dict[str, Tensor]:
+        """Return the sums of squared per-sample gradients of ``route.rest`` for one batch.
+
+        If ``vmap`` fails on a later batch (the probe saw it work on another), this batch and
+        every later one take the per-sample loop instead, with a warning.
+        """
+        names = list(route.rest)
+        if route.generic == "vmap" and self.generic == "vmap":
+            try:
+                return vmap_squares(self.model, names, inputs, route.layout, s, self.output_fn)
+            except RuntimeError as e:
+                self.generic, self.why_loop = "loop", str(e).splitlines()[0][:120]
+                self.routes.clear()  # later batches are probed again with the loop
+        self._warn_loop(names)
+        return loop_squares(self.model, names, inputs, route.layout, s, self.output_fn)
+
+    def _warn_loop(self, names: list[str], stacklevel: int = 5) -> None:
         """Warn once that the generic path loops over samples, and why."""
-        if self.generic == "loop" and self.why_loop:
-            rest = next(iter(self.routes.values())).rest if self.routes else ()
+        if self.why_loop:
             warnings.warn(
-                f"per-sample gradients of {len(rest)} parameter(s) without a closed form"
-                + (f" (e.g. {rest[0]!r})" if rest else "")
-                + " fall back to one pass per sample, because torch.func.vmap cannot trace the "
-                f"model or gives wrong numbers ({self.why_loop}); leave them out with params= "
-                "to skip this cost",
+                f"per-sample gradients of {len(names)} parameter(s) without a closed form "
+                f"(e.g. {names[0]!r}) fall back to one pass per sample, because "
+                f"torch.func.vmap cannot trace the model or gives wrong numbers ({self.why_loop}); "
+                "leave them out with params= to skip this cost",
                 stacklevel=stacklevel,
             )
             self.why_loop = ""

@@ -155,16 +155,15 @@ class Route:
         )
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """Rows ``(layer or parameter, path, reason)`` for every covered parameter."""
+        """Return rows ``(layer or parameter, path, reason)`` covering every parameter."""
         p = self.partition
+        generic = f"generic ({self.generic})"
         rows = [(n, p.rules[n].name, _expanded(self.expand.get(n))) for n in p.fast]
-        for n, why in {**p.skipped, **self.excluded}.items():
-            rows.append((n, f"generic ({self.generic})", why))
-        owned = {full for names in p.names.values() for full in names.values()}
-        named = {n for n, _ in [(r[0], None) for r in rows]}
+        why = {**p.skipped, **self.excluded}
+        rows += [(n, generic, r) for n, r in why.items() if n not in p.fast]
         for n in p.rest:
-            if n not in owned and n.rsplit(".", 1)[0] not in named:
-                rows.append((n, f"generic ({self.generic})", "no closed form for its module"))
+            if n.rpartition(".")[0] not in why:
+                rows.append((n, generic, "no closed form for its module"))
         return rows
 
     def __str__(self) -> str:

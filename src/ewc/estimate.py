@@ -36,7 +36,6 @@ from . import _rules
 from . import distributed as _dist
 from ._batches import batch_size, split_batch, take, to_device
 from ._capture import Record
-from ._generic import GENERIC_PATHS
 from ._options import FisherOptions, OutputFn, acc_dtype
 from ._probe import Router
 from ._route import Route
@@ -190,7 +189,19 @@ def fisher_diagonal(
 
     Raises:
         ValueError: on empty data, non-finite outputs or Fisher, labels out of range, a model
-            with no trainable parameters, or an invalid option.
+            with no trainable parameters, an invalid option, or a model whose outputs for a
+            sample depend on the other samples of its batch (a per-sample Fisher is not
+            defined for it).
+
+    How the fast path is kept right: for each new input signature (the inputs' structure,
+    dtypes and ranks, and which inputs are per sample) the estimator probes a sub-batch of two
+    samples before accumulating anything. It compares the sub-batch's outputs with the
+    batch's (which inputs are shared, whether samples are independent), back-propagates a
+    random cotangent of one sample at a time, and requires every closed form to match
+    ``torch.autograd.grad`` (the squared gradient of that one sample) and every layer's output
+    gradient to vanish in the other samples' rows. What fails takes the exact generic path;
+    :func:`fisher_route` shows the outcome per layer. Squares are formed in float32 or wider
+    whatever the model's dtype; layers called under ``torch.no_grad()`` contribute zero.
 
     The model's train/eval mode of every submodule, its parameters, buffers and any existing
     ``.grad`` are left as they were.
@@ -269,14 +280,11 @@ def _estimate(
     for idx, inputs, targets, size in _batches(data, opts, limit, device):
         route, z, records = router.forward(inputs, size)
         s = _factor(z, targets, size, idx, opts)
-        accumulate_fast(route, records, z, s.to(z.dtype), sums)
+        z_dtype = z.dtype
+        accumulate_fast(route, records, z, s.to(z_dtype), sums)
         del records, z
         if route.rest:
-            router.warn_loop()
-            vals = GENERIC_PATHS[route.generic](
-                model, list(route.rest), inputs, route.layout, s, opts.output_fn
-            )
-            for n, val in vals.items():
+            for n, val in router.generic_squares(route, inputs, s.to(z_dtype)).items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
     if reduction is not None:  # Σ_r S_r and Σ_r N_r: the Fisher of the union of the shards
