@@ -170,19 +170,21 @@ class Router:
         for _ in range(_MAX_ROUNDS):
             sub = route.layout.take(inputs, m) if m < size else inputs
             try:
-                with torch.no_grad():
-                    plain = self._outputs(sub)
+                z, capture = self.run(route, sub, m)
             except Exception:
                 if m == size:
                     raise
                 route = self._resolve_layout(route, inputs, size, m, z_full, tol)
                 continue
-            z, capture = self.run(route, sub, m)
             if z is None:
                 return None
-            if capture.expanded and (z.shape != plain.shape or rel_err(z.detach(), plain) > tol):
-                self.no_expand |= set(capture.expanded)  # expanding changed the outputs
-                return None
+            plain = z.detach()  # hooks that only record or copy leave the values as they are
+            if capture.expanded:
+                with torch.no_grad():
+                    plain = self._outputs(sub)
+                if z.shape != plain.shape or rel_err(z.detach(), plain) > tol:
+                    self.no_expand |= set(capture.expanded)  # expanding changed the outputs
+                    return None
             if m < size and (plain.shape != z_full[:m].shape or rel_err(plain, z_full[:m]) > tol):
                 route = self._resolve_layout(route, inputs, size, m, z_full, tol)
                 continue
@@ -193,6 +195,7 @@ class Router:
                 route = self._refresh(inputs, size)
                 continue
             records = {n: capture.records[n][0] for n in route.fast}
+            # every sample's locality; the squares (the same for any sample) once, the last
             verdicts = [
                 check_sample(
                     self.model,
@@ -204,6 +207,7 @@ class Router:
                     self._column(z, i),
                     i,
                     self.output_fn,
+                    squares_too=i == m - 1,
                 )
                 for i in range(m)
             ]

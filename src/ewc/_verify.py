@@ -116,18 +116,21 @@ def check_sample(
     c: Tensor,
     i: int,
     output_fn: OutputFn | None,
+    squares_too: bool = True,
 ) -> Verdict:
     """Check ``route`` with the cotangent ``c`` (non-zero in sample ``i`` only) of ``z``.
 
     ``sub`` is the sub-batch, ``z`` its outputs from a forward pass under ``route.capture``
-    whose records are ``records`` (one per fast layer).
+    whose records are ``records`` (one per fast layer). With ``squares_too=False`` only the
+    locality check runs (one backward pass to the layer outputs, no weight gradients): what
+    the square checks test does not depend on the sample, locality does.
     """
     part = route.partition
     tol = tolerance(z.dtype)
     outs = {n: records[n].out for n in part.fast if records[n].out.requires_grad}
-    keys = list(trainable)
+    keys = list(trainable) if squares_too else []
     wrt = [*outs.values(), *(trainable[k] for k in keys)]
-    if z.requires_grad:
+    if z.requires_grad and wrt:
         grads = torch.autograd.grad(z, wrt, c, retain_graph=True, allow_unused=True)
     else:  # nothing the outputs depend on is trainable here (frozen, or under no_grad)
         grads = (None,) * len(wrt)
@@ -150,10 +153,14 @@ def check_sample(
         if _leaks(g, i, tol, leak_floor):
             verdict.failed[name] = LEAK
             continue
+        if not squares_too:
+            continue
         try:
             values[name] = apply_rule(part.rules[name], module, rec.x, g.unsqueeze(0))
         except Exception as e:  # e.g. torch.func cannot trace this module alone
             verdict.failed[name] = f"its closed form raised {type(e).__name__}: {str(e)[:100]}"
+    if not squares_too:
+        return verdict
     tied = {key: (lin, emb) for key, lin, emb in part.ties}
     for key, (lin, emb) in tied.items():
         if lin not in values or emb not in values:
