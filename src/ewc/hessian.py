@@ -238,6 +238,24 @@ def _hvps(g: Tensor, x: Tensor, vs: Tensor) -> Tensor:
     return vs.new_zeros((vs.shape[0], *x.shape)) if out is None else out
 
 
+def _batched_hvps(gs: list[Tensor], xs: list[Tensor], vs: list[Tensor]) -> list[Tensor]:
+    """``H v`` for the joint Hessian of several tensors, ``K`` probes at once: ``(K, *x.shape)``."""
+    try:
+        out = torch.autograd.grad(
+            gs, xs, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:  # an op vmap cannot batch: one product at a time
+        rows = [
+            torch.autograd.grad(gs, xs, [v[j] for v in vs], retain_graph=True, allow_unused=True)
+            for j in range(vs[0].shape[0])
+        ]
+        out = tuple(
+            torch.stack([r[i] if r[i] is not None else torch.zeros_like(x) for r in rows])
+            for i, x in enumerate(xs)
+        )
+    return [torch.zeros_like(v) if h is None else h for v, h in zip(vs, out, strict=True)]
+
+
 def _diag_by_entries(g: Tensor, p: Tensor) -> Tensor:
     """Exact ``diag(∂g/∂p)`` for ``g = ∂L/∂p``: one Hessian-vector product per entry of ``p``."""
     d = p.numel()
@@ -395,18 +413,14 @@ def _hutchinson_batch(
     }
     if not live:
         return acc
-    for _ in range(n_probes):
-        vs = [_rademacher(ps[i], opts.generator) for i in live]
-        hv = torch.autograd.grad(
-            [grads[i] for i in live],
-            [ps[i] for i in live],
-            vs,
-            retain_graph=True,
-            allow_unused=True,
-        )
-        for i, v, h in zip(live, vs, hv, strict=True):
-            if h is not None:
-                acc[names[i]] += (v * h).to(acc[names[i]].dtype)
+    gs, xs = [grads[i] for i in live], [ps[i] for i in live]
+    for start in range(0, n_probes, _CHUNK):
+        k = min(_CHUNK, n_probes - start)
+        # probe-major draws, so the estimate does not depend on the chunk size
+        draws = [[_rademacher(p, opts.generator) for p in xs] for _ in range(k)]
+        vs = [torch.stack([d[j] for d in draws]) for j in range(len(xs))]
+        for i, v, h in zip(live, vs, _batched_hvps(gs, xs, vs), strict=True):
+            acc[names[i]] += (v * h).sum(0).to(acc[names[i]].dtype)
     return {n: v / n_probes for n, v in acc.items()}
 
 
