@@ -238,3 +238,26 @@ def test_lambda_n_is_the_laplace_posterior_of_n_points():
     assert torch.allclose(prec, (x.T @ x).diagonal(), rtol=1e-12)
     h = ewc.hessian_diagonal(model, [(x, y)], likelihood="regression")
     assert torch.allclose(50.0 * h["weight"].reshape(-1), prec, rtol=1e-12)
+
+
+def test_readme_posterior_example_runs():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = net()
+    dataset_a = TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    loader_a = DataLoader(dataset_a, batch_size=16)
+    reg = ewc.EWC(model, lam=len(dataset_a))
+    reg.consolidate(loader_a, kind="exact")
+    q = reg.posterior(prior_precision=1e-4)
+    draws = q.sample(8, generator=torch.Generator().manual_seed(0))
+    assert len(draws) == 8
+    lp0 = q.log_prob(dict(model.named_parameters()))
+    perturb(model, 0.1, 1)
+    lp1 = q.log_prob(dict(model.named_parameters()))
+    assert float(lp0 - lp1) > 0  # the anchor is the mode
+    other = ewc.EWC(net(1), lam=1.0)
+    other.consolidate(loader_a, kind="exact")
+    assert float(q.kl(other.posterior(prior_precision=1e-4))) > 0
+    probs = ewc.predictive(model, q, torch.randn(5, 4), n_samples=32)
+    assert probs.shape == (5, 3)

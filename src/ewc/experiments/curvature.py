@@ -212,7 +212,7 @@ def format_summary(result: dict[str, Any]) -> str:
     for s in result["stages"]:
         h = s["hessian"]
         cells = [
-            f"{f['correlation']:8.4f} {f['log_correlation']:8.4f} {f['relative_error']:8.4f} "
+            f"{f['correlation']:8.4f} {f['log_correlation']:8.4f} {f['relative_error']:8.2g} "
             f"{f['seconds']:5.2f}"
             for f in (s["fisher"][k] for k in KINDS)
         ]
