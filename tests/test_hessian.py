@@ -170,6 +170,35 @@ def test_a_weight_used_outside_its_layer_takes_the_exact_path_and_the_check_is_l
     assert max_err(broken, want) > 1e-3
 
 
+class TableRows(nn.Module):
+    """A Linear applied to a parameter table that has as many rows as the batch has samples.
+
+    The rows of the layer's output are not samples: every output depends on all of them, so the
+    Hessian with respect to that output has terms between rows and the closed form is wrong.
+    """
+
+    def __init__(self, rows):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(rows, 3))
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        keys = torch.tanh(self.lin(self.table))  # (rows, 3)
+        return x @ keys.T @ keys  # (N, 3): row n depends on x_n only
+
+
+def test_rows_that_are_not_samples_take_the_exact_path_and_the_check_is_load_bearing(
+    monkeypatch,
+):
+    torch.manual_seed(0)
+    model = TableRows(4)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))  # N == rows: the coincidence
+    want = dense_diag(model, x, y, ce)
+    assert max_err(ewc.hessian_diagonal(model, [(x, y)]), want) < 1e-10
+    monkeypatch.setattr(hessian_mod, "_rows_independent", lambda *a: True)
+    assert max_err(ewc.hessian_diagonal(model, [(x, y)]), want) > 1e-3
+
+
 def test_params_selection_and_frozen_parameters():
     model, x, y, lik, nll = case("mlp-tanh")
     model[0].bias.requires_grad_(False)

@@ -28,9 +28,11 @@ Two methods:
     model.
 
   For the demo's 784-400-400-10 network that is 810 partial products per batch instead of
-  478,410 full ones. The Linear closed form is checked on every batch: the layer's weight
-  gradient from autograd must equal ``gᵀ x`` (a weight also used outside the layer fails it
-  and takes the per-entry path).
+  478,410 full ones. The Linear closed form is checked on every batch, and a layer that fails
+  takes the per-entry path: the layer's weight gradient from autograd must equal ``gᵀ x`` (a
+  weight also used outside the layer fails it), and one extra product with random values down
+  one output column must show no terms between rows (rows that are not samples, such as a
+  table of ``N`` rows by coincidence, fail it).
 * ``"hutchinson"``: ``H_i ≈ (1/K) Σ_k v_k,i (H v_k)_i`` with Rademacher probes ``v_k``
   (unbiased, with variance ``Σ_{j≠i} H_ij²`` per probe); ``K = n_probes`` Hessian-vector
   products per batch, whatever the model.
@@ -355,12 +357,14 @@ def _exact_batch(
         g = g_out[name]
         if g is None:
             continue
-        if not _closed_form_holds(m, x, g, g_own):  # the weight is used outside the layer
+        d = _diag_of_output(g, a)  # (N, out)
+        # the closed form needs the weight used only here and the rows of `a` independent
+        if not (_closed_form_holds(m, x, g, g_own) and _rows_independent(g, a, d)):
             for p in m.parameters(recurse=False):
                 if id(p) in by_id and g_own[id(p)] is not None:
                     result[by_id[id(p)]] = _diag_by_entries(g_own[id(p)], p)
             continue
-        d = _diag_of_output(g, a).to(acc_dtype(a.dtype))  # (N, out)
+        d = d.to(acc_dtype(a.dtype))
         if id(m.weight) in by_id:
             result[by_id[id(m.weight)]] = d.T @ x.to(d.dtype).square()
         if m.bias is not None and id(m.bias) in by_id:
@@ -370,6 +374,28 @@ def _exact_batch(
         if g is not None:
             result[name] = _diag_by_entries(g, trainable[name])
     return result
+
+
+def _rows_independent(g: Tensor, a: Tensor, d: Tensor) -> bool:
+    """Whether ``H_a`` has no terms between rows, probed in one column: one extra product.
+
+    With random ``r`` in column ``c`` of every row, ``(H v)_{n,c} = Σ_m H_{(n,c),(m,c)} r_m``
+    equals ``d_{n,c} r_n`` iff rows do not interact in that column (rows that are not samples,
+    such as a parameter table that happens to have ``N`` rows, do).
+    """
+    n = a.shape[0]
+    if n < 2:
+        return True
+    c = int(d.abs().sum(0).argmax())
+    gen = torch.Generator().manual_seed(n)
+    r = torch.randn(n, generator=gen, dtype=torch.float64).to(device=a.device, dtype=a.dtype)
+    v = torch.zeros_like(a)
+    v[:, c] = r
+    hv = _hvps(g, a, v.unsqueeze(0))[0][:, c]
+    want = d[:, c] * r
+    tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    scale = float(want.abs().max()) + float(hv.abs().max()) + 1e-30
+    return float((hv - want).abs().max()) <= tol * scale
 
 
 def _closed_form_holds(m: nn.Linear, x: Tensor, g: Tensor, g_own: dict[int, Tensor | None]) -> bool:
