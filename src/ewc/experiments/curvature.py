@@ -36,7 +36,7 @@ from .models import MLP
 __all__ = ["add_parser", "run_curvature", "compare", "plot_curvature"]
 
 KINDS = ("sampled", "empirical", "exact")
-_PLOT_POINTS = 4000
+_PLOT_POINTS = 3000
 
 
 def add_parser(sub: Any) -> None:
@@ -227,7 +227,7 @@ def plot_curvature(stages: list[dict[str, Any]], path: Path, *, seed: int = 0) -
     """One log-log panel per stage: each Fisher's entries against the Hessian diagonal's.
 
     Negative Hessian entries are drawn at ``|H|`` with an ``×``; the dashed line is ``F = H``.
-    At most 4,000 entries (the same ones in every panel) are drawn.
+    At most 3,000 entries (the same ones in every panel) are drawn.
     """
     from .plots import _colors, _figure, _save
 
