@@ -100,6 +100,9 @@ def hessian_diagonal(
         its shape and dtype. Entries may be negative, so it does not pass
         :meth:`~ewc.Fisher.validate` and :meth:`ewc.EWC.consolidate` refuses it unless clipped.
 
+    Not reduced across processes: under ``torch.distributed`` each rank gets the Hessian of its
+    own data. The model's parameters, buffers and ``.grad`` are left as they were.
+
     Raises:
         ValueError: on an unknown method, bad ``n_probes``, empty data, non-finite outputs,
             or a model whose outputs for a sample depend on the other samples of its batch.
