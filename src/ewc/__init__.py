@@ -6,8 +6,10 @@ penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
 
 from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
+from .hessian import hessian_diagonal
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
 from .penalty import EWC, L2
+from .posterior import DiagonalGaussian, predictive
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,8 @@ __all__ = [
     # penalties
     "EWC",
     "L2",
+    # the Laplace view: posterior, predictive, Hessian
+    "DiagonalGaussian",
+    "predictive",
+    "hessian_diagonal",
 ]

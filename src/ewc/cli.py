@@ -1,4 +1,4 @@
-"""The ``ewc`` command: ``ewc demo``, ``ewc run``, ``ewc plot``, ``ewc overlap``.
+"""The ``ewc`` command: ``ewc demo``, ``ewc run``, ``ewc plot``, ``ewc overlap``, ``ewc curvature``.
 
 Run ``ewc <command> --help`` for the options of each.
 """
@@ -169,6 +169,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=float, default=5)
     o.add_argument("--fisher-samples", type=int, default=1000)
     o.add_argument("--seed", type=int, default=0)
+
+    from .experiments.curvature import add_parser as _add_curvature
+
+    _add_curvature(sub)
     return p
 
 
@@ -264,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 
             _check_out(args.out)
             print(run_overlap(args))
+        elif args.command == "curvature":
+            from .experiments.curvature import run_curvature
+
+            _check_out(args.out)
+            print(run_curvature(args))
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"ewc {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,9 @@ from ._select import ParamSelector, select_params
 from .estimate import estimate
 from .fisher import Fisher
 from .likelihoods import Likelihood
+
+if TYPE_CHECKING:
+    from .posterior import DiagonalGaussian
 
 __all__ = ["EWC", "L2", "FORMAT_VERSION"]
 
@@ -429,6 +432,18 @@ class EWC:
             f"{type(self).__name__}(lam={self.lam}, mode={self.mode!r}, gamma={self.gamma}, "
             f"kind={self.kind!r}, tasks={self.num_tasks})"
         )
+
+    # --- The Laplace view ----------------------------------------------------------------
+    def posterior(self, prior_precision: float = 0.0) -> DiagonalGaussian:
+        """Return the Gaussian ``N(μ, diag(λ A + prior_precision)⁻¹)`` this penalty is the log of.
+
+        ``μ`` is the merged anchor and ``A`` the merged precision (any mode; ``A = num_tasks``
+        for :class:`L2`). With the per-sample-mean Fisher, ``λ = N`` is the Laplace posterior of
+        ``N`` data points. See :mod:`ewc.posterior`.
+        """
+        from .posterior import laplace_posterior
+
+        return laplace_posterior(self, prior_precision)
 
 
 class _Quadratic(torch.autograd.Function):
