@@ -7,7 +7,9 @@ penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
 from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
+from .mas import MAS, mas_importance
 from .penalty import EWC, L2
+from .si import SI
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,8 @@ __all__ = [
     # penalties
     "EWC",
     "L2",
+    # other regularisers in EWC's interface
+    "mas_importance",
+    "MAS",
+    "SI",
 ]

@@ -332,6 +332,23 @@ def sum_squares(grads: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
+def sum_abs(grads: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``Σ_k |grads[k]|`` per key, in float32 or wider (the quantity of :mod:`ewc.mas`)."""
+    out: dict[str, Tensor] = {}
+    for gk in grads:
+        for name, v in gk.items():
+            v = v.to(acc_dtype(v.dtype)).abs()
+            out[name] = v if name not in out else out[name] + v  # vmap-safe
+    return out
+
+
+# The per-sample quantities the generic paths can sum: squares (the Fisher), absolute values.
+QUANTITIES: dict[str, Callable[[list[dict[str, Tensor]]], dict[str, Tensor]]] = {
+    "square": sum_squares,
+    "abs": sum_abs,
+}
+
+
 # --- The registry -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerRule:
