@@ -173,6 +173,11 @@ def test_frozen_and_unstepped_parameters_and_params_selection():
     assert set(imp) == {"2.weight", "2.bias"} and float(imp["2.weight"].sum()) > 0
     with pytest.raises(ValueError, match="none of the parameters"):
         si.attach(torch.optim.SGD([model[0].weight], lr=0.1))
+    hooks = si.attach(opt)
+    with pytest.raises(ValueError, match="already attached"):
+        si.attach(opt)
+    hooks.remove()
+    si.attach(opt).remove()
 
 
 def test_bad_arguments_are_named():

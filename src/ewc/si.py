@@ -63,14 +63,18 @@ def _check_xi(xi: float) -> float:
 class Hooks:
     """The optimizer hooks :meth:`SI.attach` registered; :meth:`remove` them after the task."""
 
-    def __init__(self, handles: list[Any]) -> None:
+    def __init__(self, handles: list[Any], on_remove: Any = None) -> None:
         self.handles = handles
+        self._on_remove = on_remove
 
     def remove(self) -> None:
         """Remove the hooks (the path integral gathered so far stays)."""
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self._on_remove is not None:
+            self._on_remove()
+            self._on_remove = None
 
     def __enter__(self) -> Hooks:
         return self
@@ -137,6 +141,7 @@ class SI(EWC):
         self.start: dict[str, Tensor] = {}
         self._penalty_grad: dict[str, Tensor] = {}
         self._pending: dict[int, list[tuple[str, Tensor, Tensor]]] = {}
+        self._attached: set[int] = set()
 
     @property
     def c(self) -> float:
@@ -163,11 +168,18 @@ class SI(EWC):
         """
         if not any(id(p) in self._name_of for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("the optimizer holds none of the parameters this SI object tracks")
+        key = id(optimizer)
+        if key in self._attached:
+            raise ValueError(
+                "this optimizer is already attached (its steps would count twice); remove the "
+                "hooks attach() returned first"
+            )
         handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before(opt)),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after(opt)),
         ]
-        return Hooks(handles)
+        self._attached.add(key)
+        return Hooks(handles, lambda: self._attached.discard(key))
 
     def _names(self, optimizer: torch.optim.Optimizer) -> list[str]:
         return [
