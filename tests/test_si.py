@@ -30,6 +30,16 @@ def _train(model, si, h, a, steps, lr=LR, via="penalty"):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     with si.attach(opt):
         for _ in range(steps):
+            if via == "closure":  # the gradient is computed inside step(), after the pre-hook
+
+                def closure():
+                    opt.zero_grad()
+                    loss = model.loss(h, a) + si.penalty()
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+                continue
             opt.zero_grad()
             loss = model.loss(h, a)
             if via == "penalty":
@@ -62,7 +72,7 @@ def test_plain_sgd_path_integral_is_exact():
     assert torch.allclose(si.penalty(), (added["w"] * torch.tensor([0.09, 0.04])).sum())
 
 
-@pytest.mark.parametrize("via", ["penalty", "add_penalty_grad"])
+@pytest.mark.parametrize("via", ["penalty", "add_penalty_grad", "closure"])
 def test_second_task_uses_the_task_gradient_only(via):
     """With the penalty in the loss, ω sums −g_task ⊙ Δθ (the step itself uses the total)."""
     c, xi = 0.7, 0.05
@@ -255,3 +265,54 @@ def test_state_validation(tmp_path):
     with pytest.raises(ValueError, match="unknown kind 'mas'"):
         fresh.load_state_dict(state)
     assert fresh.num_tasks == 0  # unchanged on error
+
+
+def test_lightning_callback_gathers_the_path_integral():
+    """EWCCallback(si): the same ω and importance as the plain loop (Lightning steps with a
+    closure, and the callback adds the penalty by add_penalty_grad inside it)."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ewc.integrations.lightning import EWCCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _mlp().double()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.3)
+
+    gen = torch.Generator().manual_seed(3)
+    tasks = [(torch.randn(12, 3, generator=gen), torch.randint(0, 2, (12,), generator=gen)) for _ in range(2)]
+    module = Net()
+    plain = copy.deepcopy(module.net)
+    si = ewc.SI(module, c=0.5, xi=0.1)
+    cb = EWCCallback(si)
+    for x, y in tasks:
+        pl.Trainer(
+            callbacks=[cb], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, max_epochs=1,
+        ).fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    ref = ewc.SI(plain, c=0.5, xi=0.1)
+    for x, y in tasks:
+        opt = torch.optim.SGD(plain.parameters(), lr=0.3)
+        with ref.attach(opt):
+            for i in range(0, 12, 4):
+                opt.zero_grad()
+                (F.cross_entropy(plain(x[i : i + 4]), y[i : i + 4]) + ref.penalty()).backward()
+                opt.step()
+        ref.consolidate()
+    assert si.num_tasks == 2
+    for n, p in plain.named_parameters():
+        assert torch.allclose(si.precision["net." + n], ref.precision[n], rtol=1e-10, atol=1e-14)
+        assert torch.allclose(dict(module.named_parameters())["net." + n], p, rtol=1e-10, atol=1e-14)

@@ -110,7 +110,8 @@ class SI(EWC):
     (tensors ``si_omega.<name>`` and ``si_start.<name>``), so a run saved mid-task resumes
     exactly. With a ``GradScaler``, add the penalty by :meth:`add_penalty_grad` after
     ``scaler.unscale_(opt)`` (the recorded penalty gradient must be the unscaled one), and
-    optimizers that evaluate a closure several times per step are not supported.
+    optimizers that evaluate a closure several times per step (L-BFGS) are not supported; a
+    closure evaluated once (Lightning's) is.
     """
 
     state_kinds = (KIND,)
@@ -140,7 +141,7 @@ class SI(EWC):
         }
         self.start: dict[str, Tensor] = {}
         self._penalty_grad: dict[str, Tensor] = {}
-        self._pending: dict[int, list[tuple[str, Tensor, Tensor]]] = {}
+        self._pending: dict[int, list[tuple[str, Tensor]]] = {}
         self._attached: set[int] = set()
 
     @property
@@ -162,9 +163,11 @@ class SI(EWC):
     def attach(self, optimizer: torch.optim.Optimizer) -> Hooks:
         """Record every step of ``optimizer``; return the hooks (``.remove()``, or ``with``).
 
-        Before each step: the parameters and the task-loss gradient (``.grad`` minus what this
-        object's penalty added since the last step); after it: ``ω −= g ⊙ (θ_after − θ_before)``.
-        Only the parameters SI tracks are read; parameters with no ``.grad`` add nothing.
+        Before each step: the parameters; after it, ``ω −= g ⊙ (θ_after − θ_before)`` with the
+        task-loss gradient ``g`` (``.grad`` minus what this object's penalty added since the last
+        step). Only the parameters SI tracks are read; parameters with no ``.grad`` add nothing.
+        The optimizer must not change ``.grad`` in place (PyTorch's optimizers do not, except
+        fused ones unscaling an AMP ``GradScaler``'s gradients inside ``step``).
         """
         if not any(id(p) in self._name_of for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("the optimizer holds none of the parameters this SI object tracks")
@@ -196,23 +199,28 @@ class SI(EWC):
         for n in self._names(optimizer):
             p = params[n]
             acc = self.omega[n].dtype
-            if n not in self.start:
-                self.start[n] = p.detach().to(acc, copy=True)
-            pen = self._penalty_grad.pop(n, None)
-            if p.grad is None:
-                continue
-            g = p.grad.detach().to(acc, copy=True)
-            if pen is not None:
-                g -= pen
-            record.append((n, g, p.detach().to(acc, copy=True)))
+            before = p.detach().to(acc, copy=True)
+            self.start.setdefault(n, before)
+            record.append((n, before))
         self._pending[id(optimizer)] = record
 
     @torch.no_grad()
     def _after(self, optimizer: torch.optim.Optimizer) -> None:
+        """``ω −= g ⊙ (θ_after − θ_before)`` with ``g = .grad −`` this object's penalty gradient.
+
+        The gradient is read after the step: it is the one the step used, also when the
+        optimizer computes it inside ``step(closure)`` (as Lightning does), after the pre-hook.
+        """
         params = self._params()
-        for n, g, before in self._pending.pop(id(optimizer), []):
-            moved = params[n].detach().to(before.dtype) - before
-            self.omega[n].addcmul_(g, moved, value=-1.0)
+        for n, before in self._pending.pop(id(optimizer), []):
+            p = params[n]
+            pen = self._penalty_grad.pop(n, None)
+            if p.grad is None:
+                continue
+            g = p.grad.detach().to(before.dtype, copy=True)
+            if pen is not None:
+                g -= pen
+            self.omega[n].addcmul_(g, p.detach().to(before.dtype) - before, value=-1.0)
 
     def _record(self, name: str, grad: Tensor) -> None:
         grad = grad.detach().to(self.omega[name].dtype)
