@@ -292,3 +292,41 @@ def test_save_load_round_trip_and_validation(tmp_path):
     state["metadata"]["kind"] = "mas"
     with pytest.raises(ValueError, match="unknown kind 'mas'"):
         ewc.EWC(mlp, lam=1.0).load_state_dict(state)
+
+
+def test_lightning_callback_consolidates_mas_on_the_training_data():
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ewc.integrations.lightning import EWCCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _mlp().double()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    module = Net()
+    mas = ewc.MAS(module, lam=2.0)
+    pl.Trainer(
+        callbacks=[EWCCallback(mas)], accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=1,
+    ).fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert mas.num_tasks == 1
+    want = naive_mas(module.net, [((x,), (True,))])
+    got = {n[len("net.") :]: v for n, v in mas.precision.items()}
+    assert rel_err(got, want) < 1e-10
