@@ -330,3 +330,37 @@ def test_lightning_callback_consolidates_mas_on_the_training_data():
     want = naive_mas(module.net, [((x,), (True,))])
     got = {n[len("net.") :]: v for n, v in mas.precision.items()}
     assert rel_err(got, want) < 1e-10
+
+
+# --- torch.distributed ----------------------------------------------------------------------
+def _dist_problem():
+    torch.manual_seed(0)
+    model = _mlp().double()
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return model, x
+
+
+def _dist_worker(rank, outdir):
+    import os
+
+    from safetensors.torch import save_file
+
+    model, x = _dist_problem()
+    shard = [x[0:3], x[3:6], x[6:7]] if rank == 0 else [x[7:9], x[9:12]]  # uneven shards
+    got = ewc.mas_importance(model, shard)
+    out = {f"imp/{k}": v.contiguous() for k, v in got.items()}
+    out["n"] = torch.tensor([got.n_samples])
+    save_file(out, os.path.join(outdir, f"rank{rank}.safetensors"))
+
+
+def test_distributed_shards_give_the_importance_of_their_union(tmp_path):
+    from conftest import spawn_gloo
+    from safetensors.torch import load_file
+
+    spawn_gloo(_dist_worker, 2, tmp_path, timeout=60)
+    model, x = _dist_problem()
+    want = naive_mas(model, [((x,), (True,))])
+    for r in range(2):
+        res = load_file(str(tmp_path / f"rank{r}.safetensors"))
+        assert int(res["n"]) == 12
+        assert rel_err({k[4:]: v for k, v in res.items() if k.startswith("imp/")}, want) < 1e-12
