@@ -316,3 +316,28 @@ def test_lightning_callback_gathers_the_path_integral():
     for n, p in plain.named_parameters():
         assert torch.allclose(si.precision["net." + n], ref.precision[n], rtol=1e-10, atol=1e-14)
         assert torch.allclose(dict(module.named_parameters())["net." + n], p, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    cpu = _mlp().double()
+    gpu = copy.deepcopy(cpu).cuda()
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    sis = []
+    for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        si = ewc.SI(m, c=1.0)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with si.attach(opt):
+            for i in range(0, 8, 2):
+                opt.zero_grad()
+                nn.functional.cross_entropy(m(x[i : i + 2].to(dev)), y[i : i + 2].to(dev)).backward()
+                opt.step()
+        si.consolidate()
+        sis.append(si)
+    mas_cpu = ewc.mas_importance(cpu, [x])
+    mas_gpu = ewc.mas_importance(gpu, [x.cuda()])
+    for n in sis[0].precision:
+        assert torch.allclose(sis[0].precision[n], sis[1].precision[n].cpu(), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(mas_cpu[n], mas_gpu[n].cpu(), rtol=1e-9, atol=1e-12)
+        assert sis[1].precision[n].is_cuda and mas_gpu[n].is_cuda
