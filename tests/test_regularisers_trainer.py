@@ -45,8 +45,8 @@ def test_si_and_mas_run_and_resume_exactly(tmp_path):
 
 def test_default_grids_and_options():
     cfg = tiny(lam={})
-    assert trainer._lams(cfg, "si") == [0.1, 1.0, 10.0]
-    assert trainer._lams(cfg, "mas") == [0.1, 1.0, 10.0]
+    assert trainer._lams(cfg, "si") == [0.1, 1.0, 10.0, 100.0, 1000.0]
+    assert trainer._lams(cfg, "mas") == [0.01, 0.1, 1.0, 10.0, 100.0]
     assert trainer._lams(cfg, "ewc") == [100.0]
     with pytest.raises(ValueError, match="--xi"):
         tiny(xi=0.0).validate()

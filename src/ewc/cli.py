@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         "--lam",
         type=_lam,
         help="λ: 100, or ewc=100,l2=0.01; ewc=10:100:1000 sweeps (si: the paper's c, default "
-        "sweep 0.1:1:10; mas: λ, default sweep 0.1:1:10)",
+        "sweep 0.1:1:10:100:1000; mas: λ, default sweep 0.01:0.1:1:10:100)",
     )
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--resume", action="store_true", help="continue a killed run in --out")
