@@ -15,12 +15,16 @@ the one column ``s_n = 2 f(x_n)`` (:mod:`ewc.estimate` back-propagates a likelih
 columns the same way), and the sum over samples is of ``|·|`` instead of ``(·)²``. The Fisher's
 route (:mod:`ewc._probe`) decides, once per input signature and checked against autograd, which
 layers see per-sample rows. Of those, ``nn.Linear`` on ``(N, in)`` inputs takes the closed form
-``Σ_n |g_n a_nᵀ| = |g|ᵀ |a|`` (one matmul; ``g`` its output gradient, ``a`` its input); every
-other parameter takes the exact per-sample generic path (``torch.func.vmap`` over the samples,
-or one backward pass per sample where ``vmap`` cannot trace the model). Before a batch layout's
-first use, this split is itself checked against autograd on a sub-batch (:func:`ewc._verify.
-check_sample`: the closed forms' per-sample gradients and the generic path's), so a layer whose
-rows are not samples never takes the closed form.
+``Σ_n |g_n a_nᵀ| = |g|ᵀ |a|`` (one matmul; ``g`` its output gradient, ``a`` its input); the
+other layers (convolutions, embeddings, norms, linear layers over positions, leaf modules) take
+the exact per-sample VJPs of the layer alone at its recorded input (:func:`ewc._rules.leaf_vjp`:
+``vmap`` over one module, not the model), whose absolute values are summed; a weight tied
+between two layers and every parameter without a layer of its own take the exact per-sample
+generic path (``torch.func.vmap`` over the whole model, or one backward pass per sample where
+``vmap`` cannot trace it). Before a batch layout's first use, this split is itself checked
+against autograd on a sub-batch (:func:`ewc._verify.check_sample`: each layer's per-sample
+gradients and the generic path's), so a layer whose rows are not samples never takes a layer
+path.
 
 The penalty is EWC's merged quadratic (:class:`MAS` below), accumulated over tasks and
 anchored at the latest optimum as in the paper.
@@ -28,12 +32,14 @@ anchored at the latest optimum as in the paper.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import _rules
 from . import distributed as _dist
 from ._capture import Record
 from ._options import FisherOptions, OutputFn, acc_dtype
@@ -48,7 +54,7 @@ from .penalty import EWC
 __all__ = ["mas_importance", "MAS"]
 
 KIND = "mas"
-_NOT_CLOSED = "MAS has a closed form only for nn.Linear on (N, in) inputs"
+_TIED = "its weight is tied to another layer: |L_n + E_n| does not split into the layers' terms"
 
 
 def mas_importance(
@@ -137,12 +143,12 @@ def _estimate(
         route, z, records = router.forward(inputs, size)
         _check_outputs(z, size, idx)
         s = (2.0 * z.detach().to(acc_dtype(z.dtype))).to(z.dtype)  # ∂‖z_n‖²/∂z_n, one column
-        closed = _closed_form_layers(route, records)
-        key = (route, closed)
+        layers = _layer_paths(route, records)
+        key = (route, layers)
         if key not in checked:
-            checked[key] = _verified(router, route, closed, inputs, size)
+            checked[key] = _verified(router, route, layers, inputs, size)
         mroute = checked[key]
-        _accumulate_linear(mroute, records, z, s, sums)
+        _accumulate_layers(mroute, records, z, s, sums)
         del records, z
         if mroute.rest:
             got = router.generic_squares(mroute, inputs, s.unsqueeze(0), quantity="abs")
@@ -173,60 +179,63 @@ def _check_outputs(z: Tensor, size: int, idx: int) -> None:
         )
 
 
-# --- Which layers take the closed form ------------------------------------------------------
-def _closed_form_layers(route: Route, records: Mapping[str, Record]) -> tuple[str, ...]:
-    """Return the route's verified ``nn.Linear`` layers called on ``(N, in)`` inputs, untied."""
+# --- Which layers take which path -----------------------------------------------------------
+Layers = tuple[tuple[str, bool], ...]  # (layer, takes the Linear closed form) per fast layer
+
+
+def _layer_paths(route: Route, records: Mapping[str, Record]) -> Layers:
+    """Return the route's untied fast layers, each with whether it takes ``|g|ᵀ|a|``.
+
+    ``nn.Linear`` on ``(N, in)`` inputs takes the closed form; the others the module-local VJP.
+    """
     part = route.partition
     tied = {m for _, lin, emb in part.ties for m in (lin, emb)}
     return tuple(
-        n
+        (n, part.rules[n].factorised and records[n].x.dim() == 2)
         for n in part.fast
-        if part.rules[n].factorised and records[n].x.dim() == 2 and n not in tied
+        if n not in tied
     )
 
 
-def _derive(route: Route, closed: Iterable[str], trainable: Mapping[str, nn.Parameter]) -> Route:
-    """``route`` with only the layers ``closed`` fast; every other parameter generic."""
+def _derive(route: Route, layers: Layers, trainable: Mapping[str, nn.Parameter]) -> Route:
+    """``route`` with only ``layers`` fast (the rest generic), each under its MAS rule.
+
+    A closed-form layer keeps its Fisher rule (the per-sample gradient the checks verify is the
+    same); the others get the module-local VJP rule, which the checks verify as such.
+    """
     part = route.partition
-    keep = [n for n in part.fast if n in set(closed)]
-    names = {n: part.names[n] for n in keep}
+    keep = dict(layers)
+    names = {n: part.names[n] for n in part.fast if n in keep}
+    rules = {n: part.rules[n] if keep[n] else _rules.LEAF for n in names}
     covered = {full for local in names.values() for full in local.values()}
     rest = tuple(n for n in trainable if n not in covered)
-    why = {n: _NOT_CLOSED for n in part.fast if n not in names}
-    new = Partition(
-        {n: part.fast[n] for n in keep},
-        {n: part.rules[n] for n in keep},
-        names,
-        (),
-        rest,
-        dict(part.skipped),
-    )
+    why = {n: _TIED for n in part.fast if n not in names}
+    new = Partition({n: part.fast[n] for n in names}, rules, names, (), rest, dict(part.skipped))
     return Route(new, route.layout, route.clone, {}, route.generic, {**route.excluded, **why})
 
 
-def _verified(
-    router: Router, route: Route, closed: tuple[str, ...], inputs: Any, size: int
-) -> Route:
+def _verified(router: Router, route: Route, layers: Layers, inputs: Any, size: int) -> Route:
     """Check the MAS split of ``route`` against autograd on a sub-batch; return it verified.
 
     The Fisher's checks (:func:`ewc._verify.check_sample`) run on the derived route: each
-    closed-form layer's per-sample gradient and the generic path's for every other parameter
-    must match autograd's for a random cotangent in one sample (their squares, so their
-    absolute values). A closed form that fails takes the generic path; a failing ``vmap``
-    path is replaced by the per-sample loop.
+    layer's per-sample gradient (its closed form's or its module-local VJP's) and the generic
+    path's for every other parameter must match autograd's for a random cotangent in one sample
+    (their squares, so their absolute values). A layer that fails takes the generic path; a
+    failing ``vmap`` path is replaced by the per-sample loop.
     """
     m = min(size, PROBE_SIZE)
-    keep = set(closed)
+    keep = dict(layers)
     generic = route.generic
-    for _ in range(len(closed) + 3):
-        derived = _derive(route, keep, router.trainable)
+    for _ in range(len(layers) + 3):
+        derived = _derive(route, tuple(keep.items()), router.trainable)
         if generic != derived.generic:
             derived = _with(derived, generic=generic)
         sub = derived.layout.take(inputs, m) if m < size else inputs
         z, capture = router.run(derived, sub, m)
         bad = {n for n in derived.fast if len(capture.records.get(n, [])) != 1}
+        bad |= capture.unusable & set(derived.fast)  # the module-local VJP needs module(x)
         if z is None or bad:
-            keep -= bad
+            keep = {n: c for n, c in keep.items() if n not in bad}
             continue
         records = {n: capture.records[n][0] for n in derived.fast}
         verdicts = [
@@ -246,7 +255,7 @@ def _verified(
         ]
         failed = {n for v in verdicts for n in v.failed}
         if failed:
-            keep -= failed
+            keep = {n: c for n, c in keep.items() if n not in failed}
             continue
         why = next((v.generic for v in verdicts if v.generic is not None), None)
         if why is None:
@@ -264,21 +273,21 @@ def _verified(
 
 
 def _with(route: Route, **changes: Any) -> Route:
-    import dataclasses
-
     return dataclasses.replace(route, **changes)
 
 
 # --- The per-batch math ---------------------------------------------------------------------
-def _accumulate_linear(
+def _accumulate_layers(
     route: Route, records: Mapping[str, Record], z: Tensor, s: Tensor, sums: dict[str, Tensor]
 ) -> None:
-    r"""Add ``Σ_n |g_n a_nᵀ| = |g|ᵀ |a|`` (weight) and ``Σ_n |g_n|`` (bias) of each fast layer.
+    r"""Add each fast layer's ``Σ_n |per-sample gradient|``.
 
-    ``g (N, out)`` is the gradient of ``Σ_n ‖z_n‖²`` with respect to the layer's output (one
-    backward pass to the layers' outputs for all of them) and ``a (N, in)`` its input; the
-    per-sample weight gradient is the outer product ``g_n a_nᵀ``, whose absolute value
-    factorises. Outputs that do not require gradients (a layer under ``no_grad``) add zero.
+    ``g`` is the gradient of ``Σ_n ‖z_n‖²`` with respect to each layer's output (one backward
+    pass to the layers' outputs, no weight gradients) and ``a`` its input. ``nn.Linear`` on
+    ``(N, in)``: the per-sample weight gradient is the outer product ``g_n a_nᵀ``, whose absolute
+    value factorises, so the sum is ``|g|ᵀ |a|`` (and ``Σ_n |g_n|`` for the bias). Other layers:
+    the absolute values of the module-local per-sample VJPs (:func:`ewc._rules.leaf_vjp`).
+    Outputs that do not require gradients (a layer under ``no_grad``) add zero.
     """
     part = route.partition
     live = [n for n in part.fast if records[n].out.requires_grad]
@@ -289,15 +298,14 @@ def _accumulate_linear(
     for name, g in zip(live, gs, strict=True):
         if g is None:
             continue
-        g = g.to(acc).abs()
-        a = records[name].x.to(acc).abs()
         local = part.names[name]
-        if "weight" in local:
-            w = sums[local["weight"]]
-            w.add_((g.transpose(0, 1) @ a).to(w.dtype))
-        if "bias" in local:
-            b = sums[local["bias"]]
-            b.add_(g.sum(0).to(b.dtype))
+        if part.rules[name] is _rules.LEAF:
+            vals = _rules.leaf_vjp(part.fast[name], records[name].x, g.unsqueeze(0), "abs")
+        else:
+            ga, a = g.to(acc).abs(), records[name].x.to(acc).abs()
+            vals = {"weight": ga.transpose(0, 1) @ a, "bias": ga.sum(0)}
+        for key, full in local.items():
+            sums[full] += vals[key].to(sums[full].dtype)
 
 
 # --- The penalty ----------------------------------------------------------------------------
