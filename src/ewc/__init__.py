@@ -8,8 +8,10 @@ from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
 from .hessian import hessian_diagonal
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
+from .mas import MAS, mas_importance
 from .penalty import EWC, L2
 from .posterior import DiagonalGaussian, predictive
+from .si import SI
 
 __version__ = "0.1.0"
 
@@ -30,4 +32,8 @@ __all__ = [
     "DiagonalGaussian",
     "predictive",
     "hessian_diagonal",
+    # other regularisers in EWC's interface
+    "mas_importance",
+    "MAS",
+    "SI",
 ]

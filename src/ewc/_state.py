@@ -81,11 +81,7 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             f"unsupported ewc state format_version {version!r}; this ewc reads version "
             f"{FORMAT_VERSION} (upgrade the package to read newer files)"
         )
-    method = meta.get("method")
-    if method != type(ewc).__name__:
-        raise ValueError(
-            f"the state was saved by {method!r} but is being loaded into {type(ewc).__name__!r}"
-        )
+    check_method(meta, type(ewc).__name__)
     mode = meta.get("mode")
     if mode not in MODES:
         raise ValueError(f"the state has an unknown mode {mode!r}; expected one of {MODES}")
@@ -94,8 +90,9 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
     except ValueError as e:
         raise ValueError(f"the state's metadata: {e}") from e
     kind = meta.get("kind", ewc.kind)
-    if kind not in KINDS:
-        raise ValueError(f"the state has an unknown kind {kind!r}; expected one of {KINDS}")
+    kinds = getattr(ewc, "state_kinds", KINDS)  # MAS and SI have one kind of their own
+    if kind not in kinds:
+        raise ValueError(f"the state has an unknown kind {kind!r}; expected one of {kinds}")
     tasks = _check_tasks(meta)
     offset = _check_offset(tensors, mode)
 
@@ -161,6 +158,15 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
         precision[n] = prec[n].detach().clone().to(p.device)
         anchor[n] = anch[n].detach().clone().to(p.device)
     return lam, gamma, mode, kind, tasks, precision, anchor, offset
+
+
+def check_method(meta: Mapping[str, Any], name: str) -> None:
+    """Raise ``ValueError`` unless the state was saved by the class ``name``."""
+    if not isinstance(meta, Mapping):
+        return  # parse_state names what is wrong with it
+    method = meta.get("method")
+    if method != name:
+        raise ValueError(f"the state was saved by {method!r} but is being loaded into {name!r}")
 
 
 _TASK_FIELDS = {"n_samples", "kind"}

@@ -87,6 +87,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fisher-kind", choices=["sampled", "empirical", "exact"])
     g.add_argument("--fisher-samples", type=int, help="data points for each Fisher estimate")
     g.add_argument("--gamma", type=float, help="online-ewc decay of old Fishers, in (0, 1]")
+    g.add_argument("--xi", type=float, help="SI's damping ξ in ω / (Δ² + ξ) (default 0.1)")
     g.add_argument("--seed", type=int)
 
 
@@ -133,9 +134,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--methods",
         type=lambda s: [m.strip() for m in s.split(",")],
-        help="comma-separated: finetune,l2,ewc,online-ewc",
+        help="comma-separated: finetune,l2,ewc,online-ewc,si,mas",
     )
-    r.add_argument("--lam", type=_lam, help="λ: 100, or ewc=100,l2=0.01; ewc=10:100:1000 sweeps")
+    r.add_argument(
+        "--lam",
+        type=_lam,
+        help="λ: 100, or ewc=100,l2=0.01; ewc=10:100:1000 sweeps (si: the paper's c, default "
+        "sweep 0.1:1:10:100:1000; mas: λ, default sweep 0.01:0.1:1:10:100)",
+    )
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -401,10 +401,11 @@ class EWC:
         ``kwargs`` (e.g. ``likelihood=``) are passed to the constructor; λ, γ, mode and kind
         come from the file.
         """
-        from ._state import load_state
+        from ._state import check_method, load_state
 
         state = load_state(path)
         meta = state["metadata"]
+        check_method(meta, cls.__name__)  # before the constructor reads the metadata
         obj = cls._from_meta(model, meta, **kwargs)
         obj.load_state_dict(state)
         return obj
