@@ -110,16 +110,24 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pad", type=int, help="zero pixels on every side (2: MNIST at 32×32)")
     p.add_argument(
         "--normalize",
-        type=_floats,
+        type=lambda t: [] if t.strip().lower() == "none" else _floats(t),
         metavar="MEAN,STD",
-        help="normalise the (padded) inputs, e.g. 0.1,0.2752 (Hsu et al.)",
+        help="normalise the (padded) inputs, e.g. 0.1,0.2752 (Hsu et al.); none: [0, 1] inputs",
     )
-    p.add_argument(
+    opt = p.add_mutually_exclusive_group()
+    opt.add_argument(
         "--keep-optimizer",
         dest="reset_optimizer",
         action="store_false",
         default=None,
         help="one optimizer for the whole stream (default: a fresh one per task)",
+    )
+    opt.add_argument(
+        "--reset-optimizer",
+        dest="reset_optimizer",
+        action="store_true",
+        default=None,
+        help="a fresh optimizer for every task (overrides a config's choice)",
     )
     p.add_argument(
         "--output-mask",
@@ -258,10 +266,17 @@ def _config(args: argparse.Namespace) -> Any:
         base["epochs"] = None
     if getattr(args, "epochs", None) is not None and not getattr(args, "iterations", None):
         base["iterations"] = None
+    if getattr(args, "methods", None) and isinstance(base.get("lam"), dict):
+        # λ (and options) of methods not run are dropped, e.g. those of a protocol file
+        base["lam"] = {m: v for m, v in base["lam"].items() if m in args.methods or m == "*"}
+        opts = base.get("method_options") or {}
+        base["method_options"] = {m: v for m, v in opts.items() if m in args.methods}
     if isinstance(base.get("lam"), dict) and "*" in base["lam"]:
         values = base["lam"].pop("*")
         for m in base.get("methods", ["finetune", "l2", "ewc"]):
             base["lam"].setdefault(m, values)
+    if base.get("normalize") == []:
+        base["normalize"] = None
     if base.get("data_dir") and "source" not in base:
         base["source"] = "mnist"
     return Config.from_dict(base)

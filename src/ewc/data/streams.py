@@ -97,7 +97,7 @@ class Task:
             images = pad_images(images, self.pad)
         if self.angle is not None:
             images = rotate_images(images, self.angle)
-        flat = images.reshape(images.shape[0], -1)
+        flat = images.reshape(images.shape[0], images.shape[1] * images.shape[2])
         if self.permutation is not None:
             flat = permute_pixels(flat, self.permutation)
         if self.normalize is not None:

@@ -81,7 +81,7 @@ def permute_pixels(x: Tensor, perm: np.ndarray | Tensor) -> Tensor:
     Returns:
         ``(N, D)``, same dtype as ``x``.
     """
-    flat = x.reshape(x.shape[0], -1)
+    flat = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
     p = torch.as_tensor(perm, dtype=torch.int64)
     if p.shape != (flat.shape[1],):
         raise ValueError(f"permutation has shape {tuple(p.shape)}, expected ({flat.shape[1]},)")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "MASKED_LOGIT"]
+
+#: The constant logit of an inactive output: its softmax probability underflows to exactly 0
+#: (as if the unit were sliced off), it is finite (the Fisher estimator checks the outputs) and
+#: it carries no gradient.
+MASKED_LOGIT = -1e4
 
 
 class MLP(nn.Module):
@@ -24,8 +29,9 @@ class MLP(nn.Module):
         input_dropout: Dropout probability on the input (the paper's Fig. 2B uses 0.2).
 
     Attributes:
-        active_outputs: ``None``, or ``bool (outputs,)``: the units outside it get logit
-            ``-inf`` (a softmax over the active units only, as if the others were sliced off;
+        active_outputs: ``None``, or ``bool (outputs,)``: the units outside it get the constant
+            logit :data:`MASKED_LOGIT` (a softmax over the active units only, exactly as if the
+            others were sliced off;
             Hsu et al.'s class-incremental training over the classes seen so far). The trainer
             sets it while training and estimating the Fisher and clears it for evaluation.
     """
@@ -62,7 +68,7 @@ class MLP(nn.Module):
         z = self.head(self.body(x.flatten(1)))
         if self.heads == 1:
             if self.active_outputs is not None:
-                z = z.masked_fill(~self.active_outputs, float("-inf"))
+                z = z.masked_fill(~self.active_outputs, MASKED_LOGIT)
             return z
         if task is None:
             raise ValueError("a multi-head network needs the task id: model(x, task)")

@@ -64,7 +64,7 @@ class Protocol:
 
 
 def config_dir() -> Path:
-    """Where the protocol files are: ``$EWC_CONFIGS``, else ``configs/`` of the source checkout."""
+    """Return where the protocol files are: ``$EWC_CONFIGS``, else the checkout's ``configs/``."""
     env = os.environ.get("EWC_CONFIGS")
     if env:
         return Path(env)
@@ -72,13 +72,16 @@ def config_dir() -> Path:
 
 
 def list_protocols(directory: str | os.PathLike[str] | None = None) -> list[Protocol]:
-    """Every protocol in ``directory`` (default :func:`config_dir`), sorted by name."""
+    """Return every protocol in ``directory`` (default :func:`config_dir`), sorted by name.
+
+    Methods this installation lacks are allowed (``ewc reproduce --list`` names them).
+    """
     d = Path(directory) if directory is not None else config_dir()
     if not d.is_dir():
         raise FileNotFoundError(
             f"no protocol directory {d}: run from a source checkout or set EWC_CONFIGS"
         )
-    return [load_protocol(p) for p in sorted(d.glob("*.json"))]
+    return [load_protocol(p, check_methods=False) for p in sorted(d.glob("*.json"))]
 
 
 def _fail(where: str, problem: str) -> ValueError:
@@ -128,8 +131,7 @@ def load_protocol(name_or_path: str | os.PathLike[str], *, check_methods: bool =
         raise _fail(where, "'config' must be an object of trainer options")
     try:
         cfg = Config.from_dict(dict(raw["config"]))
-        if check_methods:
-            cfg.validate()
+        (cfg if check_methods else _without_missing_methods(cfg)).validate()
     except (TypeError, ValueError) as e:
         raise _fail(f"{where}: config", str(e)) from None
     published = _check_published(raw["published"], cfg.methods, f"{where}: published")
@@ -142,6 +144,19 @@ def load_protocol(name_or_path: str | os.PathLike[str], *, check_methods: bool =
         notes=tuple(notes),
         code=raw.get("code"),
         path=p,
+    )
+
+
+def _without_missing_methods(cfg: Config) -> Config:
+    """Return ``cfg`` without the methods this installation lacks (to validate the rest)."""
+    from dataclasses import replace
+
+    keep = [m for m in cfg.methods if m in METHODS] or ["finetune"]
+    return replace(
+        cfg,
+        methods=keep,
+        lam={m: v for m, v in cfg.lam.items() if m in METHODS},
+        method_options={m: v for m, v in cfg.method_options.items() if m in METHODS},
     )
 
 
