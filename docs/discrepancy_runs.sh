@@ -33,3 +33,10 @@ run hsu-domain-l2latest "${HSU_D[@]}" --methods l2 --seeds 0,1,2 --l2-anchor lat
 run hsu-domain-l2all  "${HSU_D[@]}" --methods l2 --seeds 0,1,2 --l2-anchor all
 run hsu-domain-l2latest-reset "${HSU_D[@]}" --methods l2 --seeds 0,1,2 --l2-anchor latest --reset-optimizer
 run hsu-domain-ft-reset "${HSU_D[@]}" --methods finetune --seeds 0,1,2 --reset-optimizer
+# (b) continued, on the demo (10 permuted tasks of the 5,000 embedded digits, 5 epochs):
+#     the same λ grid under Adam and under SGD, anchored at every past optimum or the latest.
+DEMO=(--config configs/demo.json --methods finetune,l2 --seeds 0,1 --eval-every 0)
+run demo-adam-all     "${DEMO[@]}" --lam l2=0.0001:0.001:0.01 --l2-anchor all
+run demo-adam-latest  "${DEMO[@]}" --lam l2=0.0001:0.001:0.01 --l2-anchor latest
+run demo-sgd-all      "${DEMO[@]}" --lam l2=0.01:0.1:1 --l2-anchor all --optimizer sgd --lr 0.05
+run demo-sgd-latest   "${DEMO[@]}" --lam l2=0.01:0.1:1 --l2-anchor latest --optimizer sgd --lr 0.05
