@@ -211,3 +211,16 @@ def _check_offset(tensors: Mapping[str, Tensor], mode: str) -> Tensor:
     if mode == "online" and value != 0.0:
         raise ValueError(f"the state's offset is {value!r} but mode='online' keeps no offset")
     return offset
+
+
+def parse_l2_anchor(state: Mapping[str, Any]) -> str:
+    """Return the ``anchor`` of an :class:`~ewc.L2` state (``"all"`` for files without one)."""
+    meta = state.get("metadata") if isinstance(state, Mapping) else None
+    if not isinstance(meta, Mapping):
+        raise ValueError("an EWC state needs 'tensors' and 'metadata' entries")
+    anchor = meta.get("anchor", "all")
+    if anchor not in ("all", "latest"):
+        raise ValueError(
+            f"the state has an unknown L2 anchor {anchor!r}; expected 'all' or 'latest'"
+        )
+    return str(anchor)

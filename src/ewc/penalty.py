@@ -477,22 +477,61 @@ class _Quadratic(torch.autograd.Function):
 
 
 class L2(EWC):
-    """The paper's L2 baseline: EWC's interface with ``F = 1`` for every parameter.
+    r"""The L2 baseline: EWC's interface with ``F = 1`` for every parameter.
 
-    ``consolidate()`` (no data needed) anchors at the current parameters; the penalty is
-    ``(λ/2) Σ_t ||θ − θ*_t||²``.
+    ``consolidate()`` (no data needed) anchors at the current parameters. Which optima pull
+    depends on ``anchor``:
+
+    * ``"all"`` (the EWC paper's baseline): one unit pull per consolidated task,
+      ``(λ/2) Σ_t ||θ − θ*_t||²`` — stored merged as ``(λ/2) (T ||θ − θ̄||² + c)`` with
+      ``θ̄`` the mean of the optima, so it grows stiffer with every task;
+    * ``"latest"`` (Hsu et al. 2018, whose L2 keeps one slot that each task overwrites): a
+      single unit pull towards the latest optimum, ``(λ/2) ||θ − θ*_T||²``, as stiff after
+      ten tasks as after one. Hsu et al.'s ``reg_coef · Σ (θ − θ*)²`` is ``λ = 2 reg_coef``.
+
+    Args:
+        model: The network.
+        lam: λ ≥ 0.
+        anchor: ``"all"`` or ``"latest"`` (saved with the state).
+        mode, gamma: As for :class:`EWC` (``mode="online"`` with ``anchor="all"`` gives
+            ``A ← γ A + 1`` at the latest optimum); ``anchor="latest"`` needs the default
+            ``mode="separate"``.
+        **kwargs: Passed to :class:`EWC` (``params=``, ``fisher_dtype=``).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> l2 = L2(net, lam=2.0, anchor="latest")
+        >>> _ = l2.consolidate()
+        >>> with torch.no_grad():
+        ...     _ = net.weight.add_(1.0)
+        >>> _ = l2.consolidate()   # replaces the first anchor
+        >>> float(l2.penalty()), l2.num_tasks
+        (0.0, 2)
     """
+
+    ANCHORS = ("all", "latest")
 
     def __init__(
         self,
         model: nn.Module,
         lam: float,
         *,
+        anchor: str = "all",
         mode: str = "separate",
         gamma: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        if anchor not in self.ANCHORS:
+            raise ValueError(f"anchor must be one of {self.ANCHORS}, got {anchor!r}")
+        if anchor == "latest" and mode != "separate":
+            raise ValueError(
+                "anchor='latest' keeps one unit pull towards the latest optimum; it does not "
+                f"combine with mode={mode!r} (use anchor='all' with mode='online' for γ-decayed "
+                "sums)"
+            )
         super().__init__(model, lam, mode=mode, gamma=gamma, **kwargs)
+        self.anchor_kind = anchor
 
     def consolidate(  # noqa: D102
         self,
@@ -506,4 +545,46 @@ class L2(EWC):
         names = self.precision or select_params(self.model, self.params)
         params = self._params()
         ones = Fisher({n: torch.ones_like(params[n]) for n in names}, kind="identity")
-        return super().consolidate(fisher=ones)
+        if self.anchor_kind == "all":
+            return super().consolidate(fisher=ones)
+        saved = (self.precision, self.anchor, self.offset)
+        self.precision, self.anchor = {}, {}
+        self.offset = torch.zeros((), dtype=torch.float64)
+        try:
+            return super().consolidate(fisher=ones)
+        except BaseException:
+            self.precision, self.anchor, self.offset = saved
+            raise
+
+    def _metadata(self) -> dict[str, Any]:
+        return {**super()._metadata(), "anchor": self.anchor_kind}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        from ._state import parse_l2_anchor
+
+        anchor = parse_l2_anchor(state)
+        if anchor == "latest" and state["metadata"].get("mode") != "separate":
+            raise ValueError("the state has anchor='latest' with a mode other than 'separate'")
+        saved = (self.lam, self.gamma, self.mode, self.kind, self.tasks)
+        saved_t = (self.precision, self.anchor, self.offset)
+        super().load_state_dict(state)
+        if anchor == "latest" and (
+            float(self.offset) != 0.0 or any(bool((a != 1).any()) for a in self.precision.values())
+        ):
+            self.lam, self.gamma, self.mode, self.kind, self.tasks = saved
+            self.precision, self.anchor, self.offset = saved_t
+            raise ValueError(
+                "the state says anchor='latest' but its precision is not 1 everywhere (or its "
+                "offset is not 0): the file is corrupt, or not written by L2"
+            )
+        self.anchor_kind = anchor
+
+    @classmethod
+    def _from_meta(cls, model: nn.Module, meta: Mapping[str, Any], **kwargs: Any) -> EWC:
+        anchor = meta.get("anchor", "all")
+        if anchor in cls.ANCHORS:
+            kwargs.setdefault("anchor", anchor)
+        return super()._from_meta(model, meta, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, anchor={self.anchor_kind!r})"
