@@ -6,6 +6,8 @@ penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
 
 from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
+from .kfac import KFAC, KronBlock, fisher_kfac
+from .kfac_penalty import KFACEWC
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
 from .penalty import EWC, L2
 
@@ -24,4 +26,9 @@ __all__ = [
     # penalties
     "EWC",
     "L2",
+    # Kronecker-factored curvature (KFAC)
+    "fisher_kfac",
+    "KFAC",
+    "KronBlock",
+    "KFACEWC",
 ]
