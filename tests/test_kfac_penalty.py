@@ -249,3 +249,32 @@ def test_layers_must_match_across_tasks():
     other = ewc.fisher_kfac(model, _data(1), params=["a.*", "norm.*"])
     with pytest.raises(ValueError):
         pen.consolidate(fisher=other)
+
+
+def test_truncated_eigenbasis_keeps_the_leading_directions():
+    """rank=r, one task: Σ over the r×r leading eigenpairs of λ_G,o λ_A,i (q_G,oᵀ Δ q_A,i)²."""
+    model = Net()
+    r = 2
+    pen = ewc.EWC(model, 1.0, curvature="kfac", merge="eigenbasis", rank=r)
+    k = pen.consolidate(_data(0), kind="exact")
+    anchor = _snapshot(model)
+    _move(model, 3)
+    delta = _delta(model, anchor)
+    want = sum((k.rest[n] * delta[n] ** 2).sum() for n in k.rest)
+    for b in k.values():
+        ((a, g),) = b.terms
+        ea, qa = torch.linalg.eigh(a)
+        eg, qg = torch.linalg.eigh(g)
+        ea, qa, eg, qg = ea.flip(0)[:r], qa.flip(1)[:, :r], eg.flip(0)[:r], qg.flip(1)[:, :r]
+        rot = qg.T @ b.matrix(delta, torch.float64) @ qa
+        want = want + (torch.outer(eg, ea) * rot**2).sum()
+    assert torch.allclose(pen.penalty(), 0.5 * want)
+    assert pen.kron["a"]["Q_A"].shape == (5, r) and pen.kron["a"]["S"].shape == (r, r)
+    # a second task and a state round trip keep the truncated shapes
+    _move(model, 4)
+    pen.consolidate(_data(1), kind="exact")
+    fresh = ewc.EWC(model, 1.0, curvature="kfac")
+    fresh.load_state_dict(pen.state_dict())
+    assert fresh.rank == r and torch.allclose(fresh.penalty(), pen.penalty())
+    with pytest.raises(ValueError, match="rank"):
+        ewc.EWC(model, 1.0, curvature="kfac", merge="eigenbasis", rank=0)

@@ -54,6 +54,9 @@ class KFACEWC(EWC):
             :class:`ewc.EWC`; λ multiplies the same per-sample-mean curvature.
         merge: ``"exact"`` (every task's factors; memory grows with the tasks) or
             ``"eigenbasis"`` (constant memory, the approximation of :mod:`ewc.kfac_penalty`).
+        rank: With ``merge="eigenbasis"``: keep only the ``rank`` leading eigenvectors of each
+            factor sum (``None``: all). Drops the directions of least curvature; the step cost
+            falls from ``2·O·I'·(O + I')`` to about ``2·O·I'·rank`` multiply-adds per layer.
         fisher_dtype: Storage dtype of the factors and of the diagonal precision.
 
     Attributes:
@@ -67,6 +70,7 @@ class KFACEWC(EWC):
         lam: float,
         *,
         merge: str = "exact",
+        rank: int | None = None,
         curvature: str = "kfac",
         **kwargs: Any,
     ) -> None:
@@ -75,7 +79,12 @@ class KFACEWC(EWC):
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         super().__init__(model, lam, **kwargs)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
+        if rank is not None and merge != "eigenbasis":
+            raise ValueError("rank= truncates the eigenbasis merge: pass merge='eigenbasis'")
         self.merge = merge
+        self.rank = rank
         self.layers: dict[str, tuple[str, str | None, tuple[int, ...]]] = {}
         self.kron: dict[str, dict[str, Tensor]] = {}
         self.kron_offset = torch.zeros((), dtype=torch.float64)
@@ -137,7 +146,8 @@ class KFACEWC(EWC):
         params = self._params()
         for name, block in kfac.items():
             w = params[block.weight]
-            anchor = block.matrix({k: params[k].detach() for k in block.keys}, w.dtype)
+            # a copy: without a bias the matrix is a view of the live weight
+            anchor = block.matrix({k: params[k].detach() for k in block.keys}, w.dtype).clone()
             store = self.fisher_dtype or w.dtype
             for j, (a, g) in enumerate(block.terms):
                 a, g = a.to(w.device, w.dtype), g.to(w.device, w.dtype)
@@ -169,33 +179,31 @@ class KFACEWC(EWC):
         else:
             sum_a = decay * old["sum_A"].double() + a64
             sum_g = decay * old["sum_G"].double() + g64
-        qa = torch.linalg.eigh(sum_a).eigenvectors
-        qg = torch.linalg.eigh(sum_g).eigenvectors
+        qa, qg = _top_eigenvectors(sum_a, self.rank), _top_eigenvectors(sum_g, self.rank)
         dg = torch.diagonal(qg.T @ g64 @ qg).clamp_min(0)
         d_new = torch.outer(dg, torch.diagonal(qa.T @ a64 @ qa).clamp_min(0))
-        theta = qg.T @ anchor.double() @ qa
+        theta = anchor.double()
         if old is None:
-            s, mu = d_new, theta
+            s, mean = d_new, theta
         else:
             pa = (qa.T @ old["Q_A"].double()).square()
             pg = (qg.T @ old["Q_G"].double()).square()
             s_old = decay * (pg @ old["S"].double() @ pa.T)
             s = s_old + d_new
             if self.mode == "online":
-                mu = theta
-            else:
-                mu_old = qg.T @ old["mean"].double() @ qa
+                mean = theta
+            else:  # the diagonal penalty's parallel combination, in the rotated coordinates
+                mean = old["mean"].double()
+                diff = qg.T @ (theta - mean) @ qa
                 safe = torch.where(s > 0, s, torch.ones_like(s))
                 wgt = torch.where(s > 0, d_new / safe, torch.ones_like(s))
-                diff = theta - mu_old
                 self.kron_offset += (s_old * wgt * diff.square()).sum().cpu()
-                mu = mu_old + wgt * diff
-        dt = anchor.dtype
+                mean = mean + qg @ (wgt * diff) @ qa.T  # outside a truncated basis: unchanged
         self.kron[name] = {
             "Q_A": qa.to(store),
             "Q_G": qg.to(store),
             "S": s.to(store),
-            "mean": (qg @ mu @ qa.T).to(dt),
+            "mean": mean.to(anchor.dtype),
             "sum_A": sum_a.to(store),
             "sum_G": sum_g.to(store),
         }
@@ -208,7 +216,12 @@ class KFACEWC(EWC):
         return st
 
     def _kron_grad(self, name: str, wt: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(Σ quadratic, ∂/∂W̃ of ½ Σ quadratic)`` of one layer at ``W̃ = wt``."""
+        """Return ``(Σ quadratic, ∂/∂W̃ of ½ Σ quadratic)`` of one layer at ``W̃ = wt``.
+
+        Exact: ``Σ_t tr(G_t Δ_t A_t Δ_tᵀ)`` and ``Σ_t G_t Δ_t A_t`` (one batched pair of
+        matmuls over the tasks). Eigenbasis: ``Σ s ⊙ R²`` and ``Q_G (s ⊙ R) Q_Aᵀ`` with
+        ``R = Q_Gᵀ (W̃ − μ) Q_A``.
+        """
         st = self._kron_state(name, wt.device)
         if self.merge == "exact":
             a, g = st["A"].to(wt.dtype), st["G"].to(wt.dtype)
@@ -220,26 +233,43 @@ class KFACEWC(EWC):
         srot = s * rot
         return (srot * rot).sum(), qg @ srot @ qa.T
 
-    def _kron_value(self, params: Mapping[str, Tensor]) -> Tensor | None:
-        total = None
+    @torch.no_grad()
+    def _kron_parts(
+        self, wanted: set[int] | None = None
+    ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+        """Return the Kronecker part's summed quadratics, its parameters and their gradients.
+
+        The gradients are of half the sum; only trainable parameters (and only ``wanted`` ids
+        if given) are listed.
+        """
+        params = self._params()
+        value: Tensor | None = None
+        ps: list[Tensor] = []
+        grads: list[Tensor] = []
         for name in self.kron:
             block = self._block(name)
-            wt = block.matrix(params, params[block.weight].dtype)
-            value = self._kron_grad(name, wt)[0]
-            total = value if total is None else total + value
-        return total
+            own = {k: params[k] for k in block.keys}
+            v, grad = self._kron_grad(name, block.matrix(own, own[block.weight].dtype))
+            value = v if value is None else value + v
+            for k, gk in block.split(grad).items():
+                p = own[k]
+                if p.requires_grad and (wanted is None or id(p) in wanted):
+                    ps.append(p)
+                    grads.append(gk.to(p.dtype))
+        return value, ps, grads
 
     def penalty(self) -> Tensor:
         r"""Return ``(λ/2) [Σ_layers Σ_t tr(G_t Δ_t A_t Δ_tᵀ) + c] +`` the diagonal part.
 
-        Differentiable in the parameters (0 before the first consolidation).
+        Differentiable in the parameters (0 before the first consolidation); the gradient is
+        formed in the forward pass, with the same products as :meth:`add_penalty_grad`.
         """
         total = super().penalty()
-        value = self._kron_value(self._params())
+        value, ps, grads = self._kron_parts()
         if value is None:
             return total
-        offset = float(self.kron_offset)
-        return total + 0.5 * self.lam * (value + offset).to(total.dtype)
+        value = 0.5 * self.lam * (value + float(self.kron_offset))
+        return total + _Precomputed.apply(value.to(total.dtype), self.lam, grads, *ps)
 
     __call__ = penalty
 
@@ -251,26 +281,20 @@ class KFACEWC(EWC):
 
         Per layer ``λ Σ_t G_t Δ_t A_t`` (or the merged form's), plus the diagonal part's.
         """
-        super().add_penalty_grad(params, scale=scale)
         wanted = None if params is None else {id(p) for p in params}
-        all_params = self._params()
-        for name in self.kron:
-            block = self._block(name)
-            ps = {k: all_params[k] for k in block.keys}
-            grad = self._kron_grad(name, block.matrix(ps, ps[block.weight].dtype))[1]
-            for k, gk in block.split(grad).items():
-                p = ps[k]
-                if not p.requires_grad or (wanted is not None and id(p) not in wanted):
-                    continue
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.add_(gk.to(p.dtype), alpha=self.lam * float(scale))
+        super().add_penalty_grad(params, scale=scale)
+        _, ps, grads = self._kron_parts(wanted)
+        for p, g in zip(ps, grads, strict=True):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(g, alpha=self.lam * float(scale))
 
     # --- State --------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
         meta = super()._metadata()
         meta["curvature"] = "kfac"
         meta["merge"] = self.merge
+        meta["rank"] = self.rank
         meta["layers"] = {
             n: {"weight": w, "bias": b, "shape": list(s)} for n, (w, b, s) in self.layers.items()
         }
@@ -292,13 +316,13 @@ class KFACEWC(EWC):
         """
         from ._state import parse_state
 
-        merge, layers, kron, kron_offset, rest = parse_kron(state, self)
-        saved = (self.layers, self.merge)
-        self.layers, self.merge = layers, merge
+        merge, rank, layers, kron, kron_offset, rest = parse_kron(state, self)
+        saved = (self.layers, self.merge, self.rank)
+        self.layers, self.merge, self.rank = layers, merge, rank
         try:
             parsed = parse_state({"tensors": rest, "metadata": state["metadata"]}, self)
         except ValueError:
-            self.layers, self.merge = saved
+            self.layers, self.merge, self.rank = saved
             raise
         (
             self.lam,
@@ -326,7 +350,9 @@ _EIGEN = ("Q_A", "Q_G", "S", "mean", "sum_A", "sum_G")
 
 
 def parse_kron(state: Mapping[str, Any], ewc: KFACEWC) -> tuple[Any, ...]:
-    """Validate the Kronecker part of ``state``; return ``(merge, layers, kron, offset, rest)``.
+    """Validate the Kronecker part of ``state``.
+
+    Returns ``(merge, rank, layers, kron, offset, rest)``.
 
     ``rest`` holds the other tensors (the diagonal part, validated by the caller).
     """
@@ -343,6 +369,9 @@ def parse_kron(state: Mapping[str, Any], ewc: KFACEWC) -> tuple[Any, ...]:
     merge = meta.get("merge")
     if merge not in MERGES:
         raise ValueError(f"the state has an unknown merge {merge!r}; expected one of {MERGES}")
+    rank = meta.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"the state has rank={rank!r}; expected a positive integer or null")
     layers = _check_layers(meta.get("layers"), ewc)
     offset = tensors.get("kron_offset")
     if not isinstance(offset, Tensor) or offset.shape != () or not offset.is_floating_point():
@@ -373,9 +402,10 @@ def parse_kron(state: Mapping[str, Any], ewc: KFACEWC) -> tuple[Any, ...]:
         w, b, shape = layers[layer]
         o, i = shape[0], int(torch.Size(shape[1:]).numel()) + (b is not None)
         lead = (st["A"].shape[0],) if merge == "exact" and st["A"].dim() == 3 else ()
+        ka, kg = (i, o) if rank is None else (min(rank, i), min(rank, o))
         want = {
             "A": (*lead, i, i), "G": (*lead, o, o), "anchor": (*lead, o, i),
-            "Q_A": (i, i), "Q_G": (o, o), "S": (o, i), "mean": (o, i),
+            "Q_A": (i, ka), "Q_G": (o, kg), "S": (kg, ka), "mean": (o, i),
             "sum_A": (i, i), "sum_G": (o, o),
         }  # fmt: skip
         for f in fields:
@@ -398,7 +428,7 @@ def parse_kron(state: Mapping[str, Any], ewc: KFACEWC) -> tuple[Any, ...]:
             if bool(((t if f == "S" else torch.diagonal(t, 0, -2, -1)) < 0).any()):
                 raise ValueError(f"kfac.{layer}.{f} has negative curvature: the file is corrupt")
         kron[layer] = {k: v.detach().clone().to(params[w].device) for k, v in st.items()}
-    return merge, layers, kron, offset.detach().to(torch.float64).clone(), rest
+    return merge, rank, layers, kron, offset.detach().to(torch.float64).clone(), rest
 
 
 def _check_layers(raw: Any, ewc: KFACEWC) -> dict[str, tuple[str, str | None, tuple[int, ...]]]:
@@ -420,3 +450,27 @@ def _check_layers(raw: Any, ewc: KFACEWC) -> dict[str, tuple[str, str | None, tu
             raise ValueError(f"the state's layer {name!r} has a bias {b!r} the model lacks")
         out[str(name)] = (w, b, shape)
     return out
+
+
+def _top_eigenvectors(m: Tensor, rank: int | None) -> Tensor:
+    """Eigenvectors of the symmetric ``m``, by decreasing eigenvalue, the first ``rank``."""
+    vecs = torch.linalg.eigh(m).eigenvectors.flip(-1)
+    return vecs if rank is None else vecs[:, :rank]
+
+
+class _Precomputed(torch.autograd.Function):
+    """A value whose gradient ``λ · grads`` was formed with it (``once_differentiable``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, value: Tensor, lam: float, grads: list[Tensor], *params: Tensor
+    ) -> Tensor:
+        ctx.lam = lam
+        ctx.save_for_backward(*grads)
+        return value.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grads = torch._foreach_mul(list(ctx.saved_tensors), grad_out * ctx.lam)
+        return (None, None, None, *grads)
