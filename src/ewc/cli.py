@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--methods",
         type=lambda s: [m.strip() for m in s.split(",")],
-        help="comma-separated: finetune,l2,ewc,online-ewc",
+        help="comma-separated: finetune,l2,ewc,online-ewc,kfac-ewc,online-kfac-ewc",
     )
     r.add_argument("--lam", type=_lam, help="λ: 100, or ewc=100,l2=0.01; ewc=10:100:1000 sweeps")
     r.add_argument("--out", required=True, help="output directory")

@@ -131,13 +131,48 @@ def _online_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None
     )
 
 
+def _kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
+    """KFAC-EWC (Ritter et al. 2018), its tasks merged in the shared eigenbasis."""
+    return EWC(
+        model,
+        lam,
+        curvature="kfac",
+        merge="eigenbasis",
+        kind=cfg.fisher_kind,
+        n_samples=cfg.fisher_samples,
+    )
+
+
+def _online_kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
+    """Online KFAC-EWC: ``H ← γ H + H_new`` anchored at the latest optimum."""
+    return EWC(
+        model,
+        lam,
+        curvature="kfac",
+        merge="eigenbasis",
+        mode="online",
+        gamma=cfg.gamma,
+        kind=cfg.fisher_kind,
+        n_samples=cfg.fisher_samples,
+    )
+
+
 METHODS: dict[str, MethodFactory] = {
     "finetune": _finetune,
     "l2": _l2,
     "ewc": _ewc,
     "online-ewc": _online_ewc,
+    "kfac-ewc": _kfac_ewc,
+    "online-kfac-ewc": _online_kfac_ewc,
 }
-DEFAULT_LAM = {"finetune": 0.0, "l2": 1e-4, "ewc": 100.0, "online-ewc": 100.0}
+DEFAULT_LAM = {
+    "finetune": 0.0,
+    "l2": 1e-4,
+    "ewc": 100.0,
+    "online-ewc": 100.0,
+    "kfac-ewc": 100.0,
+    "online-kfac-ewc": 100.0,
+}
 
 
 def register_method(name: str, factory: MethodFactory, default_lam: float = 0.0) -> None:
