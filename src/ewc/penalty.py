@@ -137,8 +137,8 @@ class EWC:
         fisher_dtype: torch.dtype | None = None,
         curvature: str = "diagonal",
     ) -> None:
-        if curvature != "diagonal" and type(self) is EWC:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if curvature != "diagonal":
+            raise ValueError(f"{type(self).__name__} takes curvature='diagonal' only")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = _dist.unwrap(model)

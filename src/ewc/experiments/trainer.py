@@ -59,6 +59,7 @@ class Config:
     fisher_kind: str = "sampled"
     fisher_samples: int | None = None
     gamma: float = 1.0
+    kfac_rank: int | None = None  # kfac-ewc: eigenvectors kept per factor (None: all)
     seed: int = 0
     first_identity: bool = True
     val_fraction: float = 0.1
@@ -138,6 +139,7 @@ def _kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
         lam,
         curvature="kfac",
         merge="eigenbasis",
+        rank=cfg.kfac_rank,
         kind=cfg.fisher_kind,
         n_samples=cfg.fisher_samples,
     )
@@ -150,6 +152,7 @@ def _online_kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer |
         lam,
         curvature="kfac",
         merge="eigenbasis",
+        rank=cfg.kfac_rank,
         mode="online",
         gamma=cfg.gamma,
         kind=cfg.fisher_kind,
