@@ -11,7 +11,7 @@
 
 Usage::
 
-    python benchmarks/bench_kfac.py [--rounds 5] [--quick] [--json out.json]
+    python benchmarks/bench_kfac.py [--rounds 5] [--quick] [--json out.json] [--parts estimation]
 """
 
 from __future__ import annotations
@@ -217,13 +217,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smaller N, fewer rounds")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--parts", default="estimation,penalty,accuracy", help="which tables")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     rounds = 2 if args.quick else args.rounds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
-    rows = estimation_rows(rounds, 2000 if args.quick else 10000)
-    prow = penalty_rows(rounds)
-    arow = merge_accuracy(10 if args.quick else 50, 256)
+    rows = estimation_rows(rounds, 2000 if args.quick else 10000) if "estimation" in parts else []
+    prow = penalty_rows(rounds) if "penalty" in parts else []
+    arow = merge_accuracy(10 if args.quick else 50, 256) if "accuracy" in parts else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"estimation": rows, "penalty": prow, "merge_accuracy": arow,

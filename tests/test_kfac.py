@@ -334,3 +334,21 @@ def test_errors_are_clear():
     other = ewc.fisher_kfac(model, [torch.randn(2, 5)], params="0.*")
     with pytest.raises(KeyError, match="different layers"):
         _ = k + other
+
+
+def test_wide_layers_take_the_blocked_upper_triangle_product():
+    """Inputs and outputs of 300 and 260 units: the row-blocked Gram products (nb > 1)."""
+    from ewc.kfac import _gram_upper_, _symmetric
+
+    rows = torch.randn(7, 300)
+    acc = torch.zeros(300, 300)
+    _gram_upper_(acc, rows, 0.5)
+    assert torch.allclose(_symmetric(acc), 0.5 * rows.T @ rows, atol=1e-12)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(300, 260), nn.Tanh(), nn.Linear(260, 3))
+    x, y = _data((300,), n=5)
+    kfac = ewc.fisher_kfac(model, _batches(x, y, 2), kind="empirical")
+    ref = _brute(model, ["0", "2"], x, y)
+    for n in ["0", "2"]:
+        ((a, g),) = kfac[n].terms
+        assert torch.allclose(a, ref[n][0], atol=1e-12) and torch.allclose(g, ref[n][1], atol=1e-12)
