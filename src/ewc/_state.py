@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._select import select_params
 from .likelihoods import KINDS
 
 if TYPE_CHECKING:
@@ -108,7 +107,8 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             f"the state's precision and anchor tensors cover different parameters: "
             f"{sorted(set(prec) ^ set(anch))[:5]}"
         )
-    if tasks and not prec:
+    selected = ewc._diagonal_params()
+    if tasks and not prec and selected:
         raise ValueError("the state lists tasks but holds no tensors")
     if prec and not tasks:
         raise ValueError(
@@ -120,7 +120,6 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             f"the state has parameters the model lacks: {unknown[:5]}; was it saved for "
             "another model?"
         )
-    selected = select_params(ewc.model, ewc.params)
     missing = sorted(n for n in selected if n not in prec)
     if prec and missing:
         raise ValueError(

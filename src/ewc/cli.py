@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--methods",
         type=lambda s: [m.strip() for m in s.split(",")],
-        help="comma-separated: finetune,l2,ewc,online-ewc,si,mas (and any registered method)",
+        help="comma-separated: finetune,l2,ewc,online-ewc,si,mas,kfac-ewc,online-kfac-ewc",
     )
     r.add_argument(
         "--lam",

@@ -44,6 +44,7 @@ __all__ = ["EWC", "L2", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 MODES = ("separate", "online")
+CURVATURES = ("diagonal", "kfac")
 
 
 def _dtype_from_name(name: Any) -> torch.dtype | None:
@@ -99,6 +100,9 @@ class EWC:
             to halve its memory for a large model); ``None`` keeps each parameter's dtype.
             The anchors stay in the parameters' dtype, so the penalty is exactly zero at the
             optimum; sums are formed in the parameters' dtype before rounding.
+        curvature: ``"diagonal"`` (this class) or ``"kfac"``: a Kronecker-factored block per
+            ``nn.Linear``/``nn.Conv2d`` (:class:`ewc.kfac_penalty.KFACEWC`, which also takes
+            ``merge=``).
 
     Example:
         >>> import torch
@@ -110,6 +114,16 @@ class EWC:
         >>> float(loss)
         0.0
     """
+
+    def __new__(cls, *args: Any, curvature: str = "diagonal", **kwargs: Any) -> EWC:
+        """``curvature="kfac"`` makes a :class:`ewc.kfac_penalty.KFACEWC`."""
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if cls is EWC and curvature == "kfac":
+            from .kfac_penalty import KFACEWC
+
+            return super().__new__(KFACEWC)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -124,7 +138,10 @@ class EWC:
         mc_samples: int = 1,
         params: ParamSelector = None,
         fisher_dtype: torch.dtype | None = None,
+        curvature: str = "diagonal",
     ) -> None:
+        if curvature != "diagonal":
+            raise ValueError(f"{type(self).__name__} takes curvature='diagonal' only")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = _dist.unwrap(model)
@@ -187,11 +204,13 @@ class EWC:
     def _params(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
 
+    def _diagonal_params(self) -> dict[str, nn.Parameter]:
+        """Return the selected parameters that the diagonal precision covers."""
+        return select_params(self.model, self.params)
+
     def _check_fisher(self, fisher: Mapping[str, Tensor]) -> None:
         params = self._params()
-        expected = (
-            set(self.precision) if self.precision else set(select_params(self.model, self.params))
-        )
+        expected = set(self.precision) if self.precision else set(self._diagonal_params())
         got = set(fisher)
         if got != expected:
             missing, extra = sorted(expected - got), sorted(got - expected)
@@ -416,6 +435,8 @@ class EWC:
         if isinstance(saved, list):
             kwargs.setdefault("params", saved)
         kwargs.setdefault("fisher_dtype", _dtype_from_name(meta.get("fisher_dtype")))
+        if meta.get("curvature", "diagonal") != "diagonal":
+            kwargs.setdefault("curvature", meta["curvature"])
         try:
             return cls(
                 model,

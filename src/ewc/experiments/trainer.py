@@ -100,6 +100,7 @@ class Config:
     fisher_samples: int | None = None
     gamma: float = 1.0
     xi: float = 0.1
+    kfac_rank: int | None = None  # kfac-ewc: eigenvectors kept per factor (None: all)
     seed: int = 0
     first_identity: bool = True
     val_fraction: float = 0.1
@@ -242,6 +243,34 @@ def _mas(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
     return MAS(model, lam, n_samples=cfg.fisher_samples)
 
 
+def _kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
+    """KFAC-EWC (Ritter et al. 2018), its tasks merged in the shared eigenbasis."""
+    return EWC(
+        model,
+        lam,
+        curvature="kfac",
+        merge="eigenbasis",
+        rank=cfg.kfac_rank,
+        kind=cfg.fisher_kind,
+        n_samples=cfg.fisher_samples,
+    )
+
+
+def _online_kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
+    """Online KFAC-EWC: ``H ← γ H + H_new`` anchored at the latest optimum."""
+    return EWC(
+        model,
+        lam,
+        curvature="kfac",
+        merge="eigenbasis",
+        rank=cfg.kfac_rank,
+        mode="online",
+        gamma=cfg.gamma,
+        kind=cfg.fisher_kind,
+        n_samples=cfg.fisher_samples,
+    )
+
+
 METHODS: dict[str, MethodFactory] = {
     "finetune": _finetune,
     "l2": _l2,
@@ -249,6 +278,8 @@ METHODS: dict[str, MethodFactory] = {
     "online-ewc": _online_ewc,
     "si": _si,
     "mas": _mas,
+    "kfac-ewc": _kfac_ewc,
+    "online-kfac-ewc": _online_kfac_ewc,
 }
 # One value, or a list of candidates chosen on the validation split (si: c; mas: λ). On the
 # demo's data (4 permuted tasks, 1 epoch, Adam) the sweeps chose c = 100 and λ = 0.1.
@@ -259,6 +290,8 @@ DEFAULT_LAM: dict[str, float | list[float]] = {
     "online-ewc": 100.0,
     "si": [0.1, 1.0, 10.0, 100.0, 1000.0],
     "mas": [0.01, 0.1, 1.0, 10.0, 100.0],
+    "kfac-ewc": 100.0,
+    "online-kfac-ewc": 100.0,
 }
 
 
