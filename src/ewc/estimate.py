@@ -277,7 +277,10 @@ def _estimate(
     }
     router = Router(model, trainable, opts)
     seen = 0
-    for idx, inputs, targets, size in _batches(data, opts, limit, device):
+
+    def step(item: tuple[int, Any, Tensor | None, int]) -> None:
+        nonlocal seen
+        idx, inputs, targets, size = item
         route, z, records = router.forward(inputs, size)
         s = _factor(z, targets, size, idx, opts)
         z_dtype = z.dtype
@@ -287,6 +290,9 @@ def _estimate(
             for n, val in router.generic_squares(route, inputs, s.to(z_dtype)).items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
+
+    # under a reduction, every batch starts with a status round: a failing rank stops all
+    _dist.run_steps(_batches(data, opts, limit, device), reduction, step, device)
     if reduction is not None:  # Σ_r S_r and Σ_r N_r: the Fisher of the union of the shards
         seen = reduction.all_reduce(sums, seen)
     if seen == 0:
