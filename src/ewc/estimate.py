@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _rules
+from . import _fsdp, _rules
 from . import distributed as _dist
 from ._batches import batch_size, split_batch, take, to_device
 from ._capture import Record
@@ -231,6 +231,8 @@ def estimate(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Fish
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
+        if _fsdp.sharded_names(trainable):  # FSDP2: a lockstep loop into DTensor shards
+            return _fsdp.estimate(model, data, opts, trainable, limit, reduction)
         return _estimate(model, data, opts, trainable, limit, reduction)
     finally:
         for m, mode in modes.items():
