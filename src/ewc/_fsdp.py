@@ -363,3 +363,44 @@ def _probe_together(
                 )
                 router.forward(b_inputs, b_size)  # the same probe, passes and decisions on all
     raise RuntimeError("the ranks could not agree on the routes of their batches under FSDP")
+
+
+# --- The penalty -----------------------------------------------------------------------------
+def penalty(
+    quadratic: Any,
+    lam: float,
+    offset: float,
+    ps: list[Tensor],
+    precs: list[Tensor],
+    anchors: list[Tensor],
+) -> Tensor:
+    r"""``(λ/2) [Σ_i A_i (θ_i − μ_i)² + c]`` over sharded and plain parameters, on every rank.
+
+    ``quadratic(lam, offset, precs, anchors, *params)`` is the one-process penalty. Each rank
+    applies it to its shards (``to_local()``, so the gradient lands in its gradient shard);
+    :class:`AllSum` adds the parts over each mesh's shard groups; plain parameters (outside
+    FSDP units, the same on every rank) and the constant ``c`` are added once, after the sum.
+    """
+    out: Tensor | None = None
+    by_mesh: dict[int, list[int]] = {}
+    for i, p in enumerate(ps):
+        if is_sharded(p):
+            by_mesh.setdefault(id(p.device_mesh), []).append(i)  # type: ignore[attr-defined]
+    for idx in by_mesh.values():
+        part = quadratic(
+            lam,
+            0.0,
+            [local(precs[i]) for i in idx],
+            [local(anchors[i]) for i in idx],
+            *[local(ps[i]) for i in idx],
+        )
+        part = AllSum.apply(part, tuple(shard_groups(ps[idx[0]])))
+        out = part if out is None else out + part
+    rest = [i for i, p in enumerate(ps) if not is_sharded(p)]
+    assert out is not None
+    if not rest:
+        return out + 0.5 * lam * offset
+    plain = quadratic(
+        lam, offset, [precs[i] for i in rest], [anchors[i] for i in rest], *[ps[i] for i in rest]
+    )
+    return out + plain.to(out.device)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _fsdp
 from . import distributed as _dist
 from ._options import FisherOptions, describe_params
 from ._select import ParamSelector, select_params
@@ -256,7 +257,7 @@ class EWC:
             safe = torch.where(a_new > 0, a_new, torch.ones_like(a_new))
             w = torch.where(a_new > 0, f / safe, torch.ones_like(f))
             diff = theta - mu
-            offset += (a * w * diff.square()).double().sum().cpu()
+            offset += _fsdp.total((a * w * diff.square()).double().sum()).cpu()
             new_prec[n], new_anchor[n] = a_new.to(store), mu + w * diff
         self.precision, self.anchor = new_prec, new_anchor
         self.offset = offset if self.mode == "separate" else torch.zeros((), dtype=torch.float64)
@@ -286,6 +287,8 @@ class EWC:
             p0 = next(iter(self._params().values()))
             return p0.new_zeros(())
         ps, precs, anchors = self._operands()
+        if any(_fsdp.is_sharded(p) for p in ps):  # FSDP2: per-shard parts, summed over ranks
+            return _fsdp.penalty(_Quadratic.apply, self.lam, float(self.offset), ps, precs, anchors)
         return _Quadratic.apply(self.lam, float(self.offset), precs, anchors, *ps)
 
     __call__ = penalty
