@@ -168,6 +168,11 @@ def _worker2(rank: int, outdir: str) -> None:
     lm = loader(ids[mine], labels[mine], 2)
     _put(out, "gpt2", fd(gpt, lm, kind="empirical", output_fn=_logits), gpt)
 
+    reg.save(os.path.join(outdir, "fsdp_state"))  # the sharded layout, gathered tensor by tensor
+    back = ewc.EWC.load(os.path.join(outdir, "plain.safetensors"), _sharded_mlp())
+    assert all(ewc._fsdp.is_sharded(t) for t in back.precision.values())
+    out["load/penalty"] = back.penalty().detach().reshape(1)
+
     bad = y[:6].clone()
     bad[4] = 9
     try:
@@ -180,7 +185,7 @@ def _worker2(rank: int, outdir: str) -> None:
     save_file(out, os.path.join(outdir, f"rank{rank}.safetensors"))
 
 
-def _worker3(rank: int, outdir: str) -> None:
+def _worker3(rank: int, outdir: str, saved_by_two: str) -> None:
     x, y = _data()
     out: dict[str, torch.Tensor] = {}
     model = _sharded_mlp()
@@ -190,20 +195,40 @@ def _worker3(rank: int, outdir: str) -> None:
     reg = ewc.EWC(model, lam=LAM, kind="exact")
     reg.consolidate(loader(x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4], 3))
     _steps(model, reg, x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4], out, "ewc3")
+    saved = ewc.EWC.load(os.path.join(saved_by_two, "fsdp_state"), _sharded_mlp())  # 2 -> 3
+    for n, t in saved.precision.items():
+        assert (
+            ewc._fsdp.is_sharded(t) and t.placements == dict(model.named_parameters())[n].placements
+        )
+        out[f"load3/precision.{n}"] = ewc._fsdp.total(t)
+        out[f"load3/anchor.{n}"] = ewc._fsdp.total(saved.anchor[n])
     save_file(out, os.path.join(outdir, f"rank{rank}.safetensors"))
+
+
+def _plain_ewc() -> ewc.EWC:
+    """An EWC state whose anchors differ from ``_mlp()``'s parameters (a non-zero penalty)."""
+    x, y = _data()
+    model = _mlp()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+    reg = ewc.EWC(model, lam=LAM, kind="exact")
+    reg.consolidate(loader(x, y, 5))
+    return reg
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("fsdp2")
+    _plain_ewc().save(str(outdir / "plain.safetensors"))
     spawn_gloo(_worker2, 2, outdir, timeout=60)
     return outdir, [load_file(str(outdir / f"rank{r}.safetensors")) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
-def three(tmp_path_factory):
+def three(tmp_path_factory, two):
     outdir = tmp_path_factory.mktemp("fsdp3")
-    spawn_gloo(_worker3, 3, outdir, timeout=60)
+    spawn_gloo(_worker3, 3, outdir, str(two[0]), timeout=60)
     return [load_file(str(outdir / f"rank{r}.safetensors")) for r in range(3)]
 
 
@@ -307,3 +332,56 @@ def test_distributed_false_is_refused_for_sharded_parameters():
     """Without a process group FSDP cannot be built; the check itself needs none."""
     with pytest.raises(ValueError, match="every rank"):
         ewc._fsdp.estimate(nn.Linear(2, 2), [], ewc._options.FisherOptions(), {}, None, None)
+
+
+# --- State: the sharded layout, across world sizes -------------------------------------------
+def _reference_ewc() -> ewc.EWC:
+    x, y = _data()
+    reg = ewc.EWC(_mlp(), lam=LAM, kind="exact")
+    reg.consolidate(loader(x, y, 5))
+    return reg
+
+
+def test_sharded_state_layout_and_two_ranks_to_one_process(two):
+    from safetensors import safe_open
+
+    folder = two[0] / "fsdp_state"
+    index = json.loads((folder / "ewc.safetensors.index.json").read_text())
+    assert json.loads(index["metadata"]["ewc"])["format"] == "ewc"
+    want = _reference_ewc()
+    model = _mlp()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for key, file in index["weight_map"].items():
+        with safe_open(str(folder / file), framework="pt") as f:
+            if key != "offset":  # whole tensors, not shards
+                assert tuple(f.get_slice(key).get_shape()) == shapes[key.split(".", 1)[1]]
+    loaded = ewc.EWC.load(str(folder), model)
+    for n in want.precision:
+        torch.testing.assert_close(loaded.precision[n], want.precision[n], rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(loaded.anchor[n], want.anchor[n], rtol=0, atol=0)
+
+
+def test_one_process_state_into_two_ranks_and_two_into_three(two, three):
+    plain = ewc.EWC.load(str(two[0] / "plain.safetensors"), _mlp())
+    for result in two[1]:
+        torch.testing.assert_close(result["load/penalty"][0], plain.penalty().detach())
+    want = _reference_ewc()
+    for result in three:
+        for n in want.precision:
+            torch.testing.assert_close(
+                result[f"load3/precision.{n}"], want.precision[n], rtol=1e-9, atol=1e-14
+            )
+            assert torch.equal(result[f"load3/anchor.{n}"], want.anchor[n])
+
+
+def test_sharded_layout_without_fsdp_round_trips_and_checks_its_files(tmp_path):
+    reg = _plain_ewc()
+    reg.save(str(tmp_path / "state"), max_shard_bytes=200)
+    files = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert len(files) > 2 and "ewc.safetensors.index.json" in files
+    back = ewc.EWC.load(str(tmp_path / "state" / "ewc.safetensors.index.json"), _mlp())
+    assert torch.equal(back.penalty(), ewc.EWC.load(str(tmp_path / "state"), _mlp()).penalty())
+    reg.save(str(tmp_path / "state"), max_shard_bytes=200)  # replaces the directory
+    (tmp_path / "state" / files[0]).write_bytes(b"junk")
+    with pytest.raises(ValueError, match="unreadable"):
+        ewc.EWC.load(str(tmp_path / "state"), _mlp())

@@ -46,7 +46,17 @@ from ._probe import Router
 from ._route import Route, route_key
 from .fisher import Fisher
 
-__all__ = ["is_sharded", "sharded_names", "local", "like", "total", "AllSum", "estimate"]
+__all__ = [
+    "is_sharded",
+    "sharded_names",
+    "local",
+    "like",
+    "shard_like",
+    "total",
+    "AllSum",
+    "estimate",
+    "penalty",
+]
 
 _MAX_PROBE_ROUNDS = 8
 
@@ -80,6 +90,25 @@ def like(shard: Tensor, ref: Tensor) -> Tensor:
         ref.placements,  # type: ignore[attr-defined]
         shape=ref.shape,
         stride=ref.stride(),
+    )
+
+
+def shard_like(t: Tensor, ref: Tensor) -> Tensor:
+    """Return ``t`` (full or a DTensor) laid out as ``ref``: this rank's shard, or full.
+
+    A full tensor is cut locally (every rank holds it; no communication).
+    """
+    if not is_sharded(ref):
+        return total(t)
+    if is_sharded(t):
+        return t.redistribute(ref.device_mesh, ref.placements)  # type: ignore[attr-defined]
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        t.to(local(ref).device),
+        ref.device_mesh,  # type: ignore[attr-defined]
+        ref.placements,  # type: ignore[attr-defined]
+        src_data_rank=None,
     )
 
 
