@@ -59,6 +59,14 @@ class Router:
         self.routes: dict[tuple[Any, ...], Route] = {}
         self._gen = torch.Generator().manual_seed(0)
 
+    def checked(self) -> Mapping[str, Tensor]:
+        """Return the parameters the probe differentiates against: those in the forward's graph.
+
+        The selected parameters themselves; a subclass for sharded models (:mod:`ewc._fsdp`)
+        returns the unsharded tensors the forward pass used instead.
+        """
+        return self.trainable
+
     # --- Running a batch ---------------------------------------------------------------
     def layout(self, inputs: Any, size: int) -> Layout:
         """Return the layout of ``inputs`` with what is known about shared leaves."""
@@ -200,7 +208,7 @@ class Router:
                 check_sample(
                     self.model,
                     route,
-                    self.trainable,
+                    self.checked(),
                     sub,
                     z,
                     records,

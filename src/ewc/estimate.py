@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _fsdp
 from . import distributed as _dist
 from ._batches import batch_size, split_batch, take, to_device
 from ._capture import Record
@@ -200,6 +201,8 @@ def estimate(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Fish
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
+        if _fsdp.sharded_names(trainable):  # FSDP2: a lockstep loop into DTensor shards
+            return _fsdp.estimate(model, data, opts, trainable, limit, reduction)
         return _estimate(model, data, opts, trainable, limit, reduction)
     finally:
         for m, mode in modes.items():
@@ -246,7 +249,10 @@ def _estimate(
     }
     router = Router(model, trainable, opts)
     seen = 0
-    for idx, inputs, targets, size in _batches(data, opts, limit, device):
+
+    def step(item: tuple[int, Any, Tensor | None, int]) -> None:
+        nonlocal seen
+        idx, inputs, targets, size = item
         route, z, records = router.forward(inputs, size)
         s = _factor(z, targets, size, idx, opts)
         z_dtype = z.dtype
@@ -256,6 +262,9 @@ def _estimate(
             for n, val in router.generic_squares(route, inputs, s.to(z_dtype)).items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
+
+    # under a reduction, every batch starts with a status round: a failing rank stops all
+    _dist.run_steps(_batches(data, opts, limit, device), reduction, step, device)
     if reduction is not None:  # Σ_r S_r and Σ_r N_r: the Fisher of the union of the shards
         seen = reduction.all_reduce(sums, seen)
     if seen == 0:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from . import _fsdp
 from . import distributed as _dist
 from ._options import FisherOptions, describe_params
 from ._select import ParamSelector, select_params
@@ -278,7 +279,7 @@ class EWC:
             safe = torch.where(a_new > 0, a_new, torch.ones_like(a_new))
             w = torch.where(a_new > 0, f / safe, torch.ones_like(f))
             diff = theta - mu
-            offset += (a * w * diff.square()).double().sum().cpu()
+            offset += _fsdp.total((a * w * diff.square()).double().sum()).cpu()
             new_prec[n], new_anchor[n] = a_new.to(store), mu + w * diff
         self.precision, self.anchor = new_prec, new_anchor
         self.offset = offset if self.mode == "separate" else torch.zeros((), dtype=torch.float64)
@@ -308,6 +309,8 @@ class EWC:
             p0 = next(iter(self._params().values()))
             return p0.new_zeros(())
         ps, precs, anchors = self._operands()
+        if any(_fsdp.is_sharded(p) for p in ps):  # FSDP2: per-shard parts, summed over ranks
+            return _fsdp.penalty(_Quadratic.apply, self.lam, float(self.offset), ps, precs, anchors)
         return _Quadratic.apply(self.lam, float(self.offset), precs, anchors, *ps)
 
     __call__ = penalty
@@ -406,12 +409,28 @@ class EWC:
             self.anchor,
             self.offset,
         ) = parsed
+        params = self._params()  # FSDP2: each rank keeps its shards, as its parameters
+        self.precision = {n: _fsdp.shard_like(t, params[n]) for n, t in self.precision.items()}
+        self.anchor = {n: _fsdp.shard_like(t, params[n]) for n, t in self.anchor.items()}
 
-    def save(self, path: str) -> None:
-        """Write the state to ``path`` as safetensors with JSON metadata (never pickle)."""
-        from ._state import save_state
+    def save(self, path: str, *, max_shard_bytes: int | None = None) -> None:
+        """Write the state to ``path`` as safetensors with JSON metadata (never pickle).
 
-        save_state(self.state_dict(), path)
+        A model with FSDP-sharded (DTensor) parameters, or a ``max_shard_bytes``, writes the
+        Hugging Face sharded layout instead: ``path`` becomes a directory of safetensors files
+        of whole tensors (each at most ``max_shard_bytes``, default 1 GiB, unless one tensor is
+        larger) plus ``ewc.safetensors.index.json`` (the tensor -> file map and this object's
+        metadata). Every rank must call it; the tensors are gathered one at a time and rank 0
+        writes them. :meth:`load` reads either layout into a plain, DDP or FSDP model of any
+        world size.
+        """
+        from ._state import save_sharded, save_state
+
+        state = self.state_dict()
+        if max_shard_bytes is not None or any(map(_fsdp.is_sharded, state["tensors"].values())):
+            save_sharded(state, path, max_shard_bytes=max_shard_bytes)
+        else:
+            save_state(state, path)
 
     @classmethod
     def load(cls, path: str, model: nn.Module, **kwargs: Any) -> EWC:
