@@ -365,3 +365,30 @@ def test_n_samples_caps_the_data():
     got = ewc.hessian_diagonal(model, [(x[:4], y[:4]), (x[4:], y[4:])], n_samples=6)
     assert got.n_samples == 6
     assert max_err(got, dense_diag(model, x[:6], y[:6], nll)) < 1e-10
+
+
+def test_chunking_and_the_unbatched_fallback_give_the_same_numbers(monkeypatch):
+    model, x, y, lik, nll = case("sequence")  # Linear closed forms and per-entry products
+
+    def both():
+        gen = torch.Generator().manual_seed(5)
+        return (
+            ewc.hessian_diagonal(model, [(x, y)]),
+            ewc.hessian_diagonal(model, [(x, y)], method="hutchinson", n_probes=7, generator=gen),
+        )
+
+    ref_exact, ref_hutch = both()
+    monkeypatch.setattr(hessian_mod, "_CHUNK_ELEMENTS", 1)  # one product per pass
+    exact, hutch = both()
+    assert max_err(exact, ref_exact) < 1e-12 and max_err(hutch, ref_hutch) < 1e-12
+    monkeypatch.undo()
+    real = torch.autograd.grad
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("pretend vmap cannot batch this op")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    exact, hutch = both()
+    assert max_err(exact, ref_exact) < 1e-12 and max_err(hutch, ref_hutch) < 1e-12

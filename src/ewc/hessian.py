@@ -62,6 +62,12 @@ __all__ = ["hessian_diagonal", "METHODS"]
 
 METHODS = ("exact", "hutchinson")
 _CHUNK = 64  # Hessian-vector products batched into one vmapped backward pass
+_CHUNK_ELEMENTS = 1 << 25  # at most this many probe entries at once (memory)
+
+
+def _chunk(numel: int) -> int:
+    """Products per vmapped pass: ``_CHUNK``, fewer when each probe has many entries."""
+    return max(1, min(_CHUNK, _CHUNK_ELEMENTS // max(1, numel)))
 
 
 def hessian_diagonal(
@@ -265,8 +271,9 @@ def _diag_by_entries(g: Tensor, p: Tensor) -> Tensor:
     """Exact ``diag(∂g/∂p)`` for ``g = ∂L/∂p``: one Hessian-vector product per entry of ``p``."""
     d = p.numel()
     diag = torch.empty(d, dtype=p.dtype, device=p.device)
-    for start in range(0, d, _CHUNK):
-        idx = torch.arange(start, min(start + _CHUNK, d), device=p.device)
+    step = _chunk(d)
+    for start in range(0, d, step):
+        idx = torch.arange(start, min(start + step, d), device=p.device)
         vs = torch.zeros(len(idx), d, dtype=p.dtype, device=p.device)
         vs[torch.arange(len(idx)), idx] = 1.0
         hv = _hvps(g, p, vs.reshape(len(idx), *p.shape)).reshape(len(idx), d)
@@ -282,8 +289,9 @@ def _diag_of_output(g: Tensor, a: Tensor) -> Tensor:
     """
     n, width = a.shape
     diag = torch.empty(n, width, dtype=a.dtype, device=a.device)
-    for start in range(0, width, _CHUNK):
-        cols = torch.arange(start, min(start + _CHUNK, width), device=a.device)
+    step = _chunk(a.numel())
+    for start in range(0, width, step):
+        cols = torch.arange(start, min(start + step, width), device=a.device)
         vs = torch.zeros(len(cols), n, width, dtype=a.dtype, device=a.device)
         vs[torch.arange(len(cols)), :, cols] = 1.0
         hv = _hvps(g, a, vs)  # (k, N, out)
@@ -443,8 +451,9 @@ def _hutchinson_batch(
     if not live:
         return acc
     gs, xs = [grads[i] for i in live], [ps[i] for i in live]
-    for start in range(0, n_probes, _CHUNK):
-        k = min(_CHUNK, n_probes - start)
+    step = _chunk(sum(p.numel() for p in xs))
+    for start in range(0, n_probes, step):
+        k = min(step, n_probes - start)
         # probe-major draws, so the estimate does not depend on the chunk size
         draws = [[_rademacher(p, opts.generator) for p in xs] for _ in range(k)]
         vs = [torch.stack([d[j] for d in draws]) for j in range(len(xs))]
