@@ -151,8 +151,13 @@ def _hessian(
         for n, p in trainable.items()
     }
     linears = _candidate_linears(model, trainable)
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        data = tqdm(data, desc=f"Hessian ({method})", unit="batch")
     seen = 0
-    for idx, inputs, targets, size in _batches(data, opts, opts.n_samples, device):
+    quiet = opts.replace(progress=False)  # the bar above, with the right name
+    for idx, inputs, targets, size in _batches(data, quiet, opts.n_samples, device):
         assert targets is not None
         if seen == 0:
             _check_independent(model, inputs, size, opts)
