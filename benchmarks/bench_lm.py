@@ -37,6 +37,41 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict], Callable[[], None]]:
+    """The model (random weights, from a config), its batches and the baseline pass."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=args.layers,
+        n_embd=args.width,
+        n_head=max(1, args.width // 64),
+        vocab_size=args.vocab,
+        n_positions=max(args.seq, 1024 if args.preset else args.seq),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    dtype = getattr(torch, args.dtype)
+    model = GPT2LMHeadModel(cfg).to(args.device, dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.n, args.seq), generator=g)
+    batches = [
+        {
+            "input_ids": ids[i : i + args.batch].to(args.device),
+            "attention_mask": torch.ones_like(ids[i : i + args.batch]).to(args.device),
+        }
+        for i in range(0, args.n, args.batch)
+    ]
+
+    def base() -> None:
+        for b in batches:
+            model(**b, labels=b["input_ids"], use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return model, batches, base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -54,36 +89,8 @@ def main() -> None:
     if args.preset == "gpt2":
         args.layers, args.width, args.vocab = 12, 768, 50257
 
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    warnings.simplefilter("ignore")
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=args.layers,
-        n_embd=args.width,
-        n_head=max(1, args.width // 64),
-        vocab_size=args.vocab,
-        n_positions=max(args.seq, 1024 if args.preset else args.seq),
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    dtype = getattr(torch, args.dtype)
-    model = GPT2LMHeadModel(cfg).to(args.device, dtype).eval()
+    model, batches, base = setup(args)
     n_params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.n, args.seq), generator=g)
-    batches = [
-        {
-            "input_ids": ids[i : i + args.batch].to(args.device),
-            "attention_mask": torch.ones_like(ids[i : i + args.batch]).to(args.device),
-        }
-        for i in range(0, args.n, args.batch)
-    ]
-
-    def base() -> None:
-        for b in batches:
-            model(**b, labels=b["input_ids"], use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
 
     reg = ewc.EWC(model, lam=1.0, fisher_dtype=torch.bfloat16)
     reg.consolidate(fisher=hf_fisher(model, batches[:1], dtype=torch.bfloat16))

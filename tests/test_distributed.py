@@ -297,3 +297,65 @@ def test_unwrap_leaves_other_modules_alone():
     model = nn.Linear(2, 2)
     assert ewc_dist.unwrap(model) is model
     assert ewc_dist.unwrap(nn.DataParallel(nn.DataParallel(model))) is model
+
+
+# --- A failing rank stops every rank, at once -------------------------------------------------
+class _Raising:
+    """A loader whose second batch raises (a corrupt file, a worker crash)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        yield self.x[:3], self.y[:3]
+        raise OSError("cannot read shard 7")
+
+
+def _failing(rank: int, outdir: str) -> None:
+    """Rank 1 breaks in three ways; each call must raise the same RankFailure on both ranks."""
+    import json
+    import time
+
+    model, x, y = _problem()
+    many = loader(x.repeat(20, 1), y.repeat(20), 4)  # rank 0 has 60 batches still to read
+    bad_labels = y[:6].clone()
+    bad_labels[4] = 9
+    nan_x = x[:6].clone()
+    nan_x[1, 2] = float("nan")
+    cases = {
+        "labels": (many if rank == 0 else loader(x[:6], bad_labels, 3), "empirical"),
+        "nonfinite": (many if rank == 0 else loader(nan_x, y[:6], 3), "exact"),
+        "loader": (many if rank == 0 else _Raising(x, y), "empirical"),
+    }
+    report = {}
+    for name, (data, kind) in cases.items():
+        start = time.monotonic()
+        try:
+            ewc.fisher_diagonal(model, data, kind=kind)
+            report[name] = {"error": None}
+        except ewc_dist.RankFailure as e:
+            report[name] = {"error": str(e), "ranks": e.ranks, "type": "RankFailure"}
+        report[name]["seconds"] = time.monotonic() - start
+    # the group still works afterwards: a correct estimate on both ranks
+    ok = ewc.fisher_diagonal(
+        model, loader(x[6 * rank : 6 * rank + 6], y[6 * rank : 6 * rank + 6], 4)
+    )
+    report["after"] = ok.n_samples
+    with open(os.path.join(outdir, f"fail{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def test_a_failing_rank_makes_every_rank_raise_the_same_error(tmp_path):
+    import json
+
+    spawn_gloo(_failing, WORLD, tmp_path, timeout=60)
+    reports = [json.loads((tmp_path / f"fail{r}.json").read_text()) for r in range(WORLD)]
+    causes = {"labels": "label", "nonfinite": "non-finite", "loader": "OSError: cannot read"}
+    for name, cause in causes.items():
+        got = [r[name] for r in reports]
+        assert got[0]["error"] is not None and got[0]["error"] == got[1]["error"], name
+        assert got[0]["ranks"] == [1]
+        assert got[0]["error"].startswith("rank 1 of 2 failed:"), got[0]["error"]
+        assert cause in got[0]["error"], got[0]["error"]
+        assert max(g["seconds"] for g in got) < 10, got
+    assert [r["after"] for r in reports] == [12, 12]

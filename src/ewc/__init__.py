@@ -7,9 +7,13 @@ penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
 from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
 from .hessian import hessian_diagonal
+from .kfac import KFAC, KronBlock, fisher_kfac
+from .kfac_penalty import KFACEWC
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
+from .mas import MAS, mas_importance
 from .penalty import EWC, L2
 from .posterior import DiagonalGaussian, predictive
+from .si import SI
 
 __version__ = "0.1.0"
 
@@ -30,4 +34,13 @@ __all__ = [
     "DiagonalGaussian",
     "predictive",
     "hessian_diagonal",
+    # other regularisers in EWC's interface
+    "mas_importance",
+    "MAS",
+    "SI",
+    # Kronecker-factored curvature (KFAC)
+    "fisher_kfac",
+    "KFAC",
+    "KronBlock",
+    "KFACEWC",
 ]

@@ -6,7 +6,8 @@ Both return, for the parameters ``names``,
 
     \sum_n \sum_k \big(\partial_\theta \langle s_{nk}, z_n \rangle\big)^2,
 
-squared in float32 or wider. :func:`vmap_squares` runs the whole model on one sample inside
+squared in float32 or wider (``quantity="abs"``: the sum of absolute values instead, for
+:mod:`ewc.mas`). :func:`vmap_squares` runs the whole model on one sample inside
 ``torch.func.vmap`` (the ``K`` columns are a loop inside the vmapped function, never a nested
 ``vmap``); :func:`loop_squares` does one forward and ``K`` backward passes per sample, for models
 ``vmap`` cannot trace (data-dependent control flow, ``.item()``). Shared inputs (see
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from ._batches import Layout, call
 from ._options import OutputFn, acc_dtype
-from ._rules import _CHUNK_ELEMENTS, sum_squares
+from ._rules import _CHUNK_ELEMENTS, QUANTITIES
 
 __all__ = ["vmap_squares", "loop_squares", "GENERIC_PATHS"]
 
@@ -35,11 +36,14 @@ def vmap_squares(
     layout: Layout,
     s: Tensor,
     output_fn: OutputFn | None,
+    quantity: str = "square",
 ) -> dict[str, Tensor]:
     """Sum of squared per-sample gradients by ``vmap`` over the samples of the whole model.
 
     Shapes: ``s`` is ``(K, N, *z.shape[1:])``; the results have their parameters' shapes.
+    ``quantity="abs"`` sums absolute values instead of squares.
     """
+    reduce = QUANTITIES[quantity]
     from torch.func import functional_call, vjp, vmap
 
     params = dict(model.named_parameters())
@@ -63,7 +67,7 @@ def vmap_squares(
             return out.squeeze(0)
 
         _, vjp_fn = vjp(f, sub)
-        return sum_squares([vjp_fn(s_n[j])[0] for j in range(k)])
+        return reduce([vjp_fn(s_n[j])[0] for j in range(k)])
 
     numel = sum(p.numel() for p in sub.values()) * max(1, k)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, numel))
@@ -78,8 +82,11 @@ def loop_squares(
     layout: Layout,
     s: Tensor,
     output_fn: OutputFn | None,
+    quantity: str = "square",
 ) -> dict[str, Tensor]:
     """Compute :func:`vmap_squares`'s sum with one forward pass per sample (no ``vmap``)."""
+    if quantity not in QUANTITIES:
+        raise ValueError(f"quantity must be one of {sorted(QUANTITIES)}, got {quantity!r}")
     params = dict(model.named_parameters())
     sub = [params[n] for n in names]
     out = {
@@ -101,7 +108,10 @@ def loop_squares(
             for n, g in zip(names, gs, strict=True):
                 if g is not None:
                     g = g.to(out[n].dtype)
-                    out[n].addcmul_(g, g)
+                    if quantity == "abs":
+                        out[n].add_(g.abs())
+                    else:
+                        out[n].addcmul_(g, g)
     return out
 
 

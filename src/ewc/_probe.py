@@ -59,6 +59,14 @@ class Router:
         self.routes: dict[tuple[Any, ...], Route] = {}
         self._gen = torch.Generator().manual_seed(0)
 
+    def checked(self) -> Mapping[str, Tensor]:
+        """Return the parameters the probe differentiates against: those in the forward's graph.
+
+        The selected parameters themselves; a subclass for sharded models (:mod:`ewc._fsdp`)
+        returns the unsharded tensors the forward pass used instead.
+        """
+        return self.trainable
+
     # --- Running a batch ---------------------------------------------------------------
     def layout(self, inputs: Any, size: int) -> Layout:
         """Return the layout of ``inputs`` with what is known about shared leaves."""
@@ -200,7 +208,7 @@ class Router:
                 check_sample(
                     self.model,
                     route,
-                    self.trainable,
+                    self.checked(),
                     sub,
                     z,
                     records,
@@ -326,21 +334,25 @@ class Router:
             "bind such an input in the model or give it a leading dimension of 1"
         )
 
-    def generic_squares(self, route: Route, inputs: Any, s: Tensor) -> dict[str, Tensor]:
+    def generic_squares(
+        self, route: Route, inputs: Any, s: Tensor, quantity: str = "square"
+    ) -> dict[str, Tensor]:
         """Return the sums of squared per-sample gradients of ``route.rest`` for one batch.
 
         If ``vmap`` fails on a later batch (the probe saw it work on another), this batch and
-        every later one take the per-sample loop instead, with a warning.
+        every later one take the per-sample loop instead, with a warning. ``quantity="abs"``
+        sums absolute values instead (:mod:`ewc.mas`).
         """
         names = list(route.rest)
+        args = (self.model, names, inputs, route.layout, s, self.output_fn, quantity)
         if route.generic == "vmap" and self.generic == "vmap":
             try:
-                return vmap_squares(self.model, names, inputs, route.layout, s, self.output_fn)
+                return vmap_squares(*args)
             except RuntimeError as e:
                 self.generic, self.why_loop = "loop", str(e).splitlines()[0][:120]
                 self.routes.clear()  # later batches are probed again with the loop
         self._warn_loop(names)
-        return loop_squares(self.model, names, inputs, route.layout, s, self.output_fn)
+        return loop_squares(*args)
 
     def _warn_loop(self, names: list[str], stacklevel: int = 5) -> None:
         """Warn once that the generic path loops over samples, and why."""

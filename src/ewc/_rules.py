@@ -292,7 +292,9 @@ def group_norm(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
 
 
 # --- Any other leaf module: per-sample VJPs of the module alone ---------------------------
-def leaf_vjp(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+def leaf_vjp(
+    module: nn.Module, x: Tensor, g: Tensor, quantity: str = "square"
+) -> dict[str, Tensor]:
     """Handle a module without children called as ``module(x)`` (e.g. a model's RMSNorm class).
 
     The per-sample gradients of its own parameters are the vector-Jacobian products of the
@@ -302,9 +304,11 @@ def leaf_vjp(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
     batching rules (``nn.PReLU``'s) give wrong numbers under ``vmap(vmap(vjp))``.
 
     ``x`` and ``g`` are in the module's own dtypes (the rule is registered ``native``).
+    ``quantity="abs"`` sums absolute values instead of squares (:mod:`ewc.mas`).
     """
     from torch.func import functional_call, vjp, vmap
 
+    reduce = QUANTITIES[quantity]
     params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     const = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n not in params}
     const.update(dict(module.named_buffers(recurse=False)))
@@ -315,7 +319,7 @@ def leaf_vjp(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
             return functional_call(module, {**p, **const}, (x_n.unsqueeze(0),)).squeeze(0)
 
         _, vjp_fn = vjp(f, params)
-        return sum_squares([vjp_fn(g_n[j])[0] for j in range(k)])
+        return reduce([vjp_fn(g_n[j])[0] for j in range(k)])
 
     numel = sum(p.numel() for p in params.values()) * k
     per = vmap(one, chunk_size=_chunk(n, numel))(x, g.movedim(0, 1))
@@ -330,6 +334,23 @@ def sum_squares(grads: list[dict[str, Tensor]]) -> dict[str, Tensor]:
             v = v.to(acc_dtype(v.dtype))
             out[name] = v.square() if name not in out else out[name] + v.square()  # vmap-safe
     return out
+
+
+def sum_abs(grads: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``Σ_k |grads[k]|`` per key, in float32 or wider (the quantity of :mod:`ewc.mas`)."""
+    out: dict[str, Tensor] = {}
+    for gk in grads:
+        for name, v in gk.items():
+            v = v.to(acc_dtype(v.dtype)).abs()
+            out[name] = v if name not in out else out[name] + v  # vmap-safe
+    return out
+
+
+# The per-sample quantities the generic paths can sum: squares (the Fisher), absolute values.
+QUANTITIES: dict[str, Callable[[list[dict[str, Tensor]]], dict[str, Tensor]]] = {
+    "square": sum_squares,
+    "abs": sum_abs,
+}
 
 
 # --- The registry -----------------------------------------------------------------------

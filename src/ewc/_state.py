@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._select import select_params
 from .likelihoods import KINDS
 
 if TYPE_CHECKING:
@@ -36,11 +35,149 @@ def save_state(state: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
             os.remove(tmp)
 
 
+INDEX = "ewc.safetensors.index.json"
+_SHARD_BYTES = 1 << 30
+
+
+def _plan(tensors: Mapping[str, Tensor], limit: int) -> list[list[str]]:
+    """Group tensor names into files of at most ``limit`` bytes (a larger tensor alone)."""
+    files: list[list[str]] = [[]]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if files[-1] and size + n > limit:
+            files.append([])
+            size = 0
+        files[-1].append(k)
+        size += n
+    return files
+
+
+def save_sharded(
+    state: Mapping[str, Any], path: str | os.PathLike[str], max_shard_bytes: int | None = None
+) -> None:
+    """Write the Hugging Face sharded layout: ``path/ewc-0000i-of-0000n.safetensors`` + index.
+
+    Tensors may be DTensors: each is gathered (``full_tensor()``, every rank takes part) one
+    at a time, and rank 0 holds at most one file's tensors before writing it. The directory is
+    written under a temporary name and renamed into place. Under ``torch.distributed`` a
+    failure on the writing rank is raised on every rank (:class:`ewc.distributed.RankFailure`).
+    """
+    import shutil
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from . import _fsdp
+    from .distributed import resolve
+
+    reduction = resolve(None)
+    writer = reduction is None or reduction.rank == 0
+    tensors: Mapping[str, Tensor] = state["tensors"]
+    files = _plan(tensors, max_shard_bytes or _SHARD_BYTES)
+    names = [f"ewc-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    failure: BaseException | None = None
+    if writer:
+        try:
+            os.makedirs(tmp, exist_ok=False)
+        except OSError as e:
+            failure = e
+    for name, keys in zip(names, files, strict=True):  # every rank gathers, in the same order
+        part = {k: _fsdp.total(tensors[k]).detach().contiguous().cpu() for k in keys}
+        if writer and failure is None:
+            try:
+                save_file(part, os.path.join(tmp, name), metadata={"format": "pt"})
+            except Exception as e:  # noqa: BLE001 - keep gathering with the others
+                failure = e
+        del part
+    if writer and failure is None:
+        try:
+            _finish(state, tensors, files, names, tmp, path)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            failure = e
+    if writer and os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if reduction is not None and dist.is_initialized():
+        reduction.agree(failure)
+    elif failure is not None:
+        raise failure
+
+
+def _finish(
+    state: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+    files: list[list[str]],
+    names: list[str],
+    tmp: str,
+    path: str,
+) -> None:
+    """Write the index into ``tmp`` and move ``tmp`` to ``path`` (replacing a directory)."""
+    import shutil
+
+    index = {
+        "metadata": {
+            "total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
+            _META_KEY: json.dumps(state["metadata"], sort_keys=True),
+        },
+        "weight_map": {k: n for n, keys in zip(names, files, strict=True) for k in keys},
+    }
+    with open(os.path.join(tmp, INDEX), "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.isdir(path):
+        os.replace(path, old)
+    elif os.path.exists(path):
+        raise FileExistsError(f"{path!r} exists and is not a directory")
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_sharded(path: str) -> dict[str, Any]:
+    """Read the layout of :func:`save_sharded` (``path`` is the directory or its index)."""
+    from safetensors import safe_open
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    index_path = os.path.join(folder, INDEX) if os.path.isdir(path) else path
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        meta_raw = index["metadata"][_META_KEY]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{index_path!r} is not an ewc sharded-state index ({type(e).__name__}: {e})"
+        ) from e
+    tensors: dict[str, Tensor] = {}
+    for name in sorted(set(weight_map.values())):
+        file = os.path.join(folder, os.path.basename(name))
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys = set(f.keys())
+                want = {k for k, v in weight_map.items() if v == name}
+                if want - keys:
+                    raise ValueError(f"lacks {sorted(want - keys)[:3]} listed in the index")
+                tensors.update({k: f.get_tensor(k) for k in sorted(want)})
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"shard {file!r} of the EWC state is unreadable: {e}") from e
+    try:
+        meta = json.loads(meta_raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{index_path!r} has malformed ewc metadata: {e}") from e
+    return {"tensors": tensors, "metadata": meta}
+
+
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a file written by :func:`save_state`; raise ``ValueError`` if it is not one."""
+    """Read a file written by :func:`save_state` or a directory by :func:`save_sharded`.
+
+    Raises ``ValueError`` if it is neither.
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(".index.json"):
+        return _load_sharded(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no EWC state file at {path!r}")
     try:
@@ -81,11 +218,7 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             f"unsupported ewc state format_version {version!r}; this ewc reads version "
             f"{FORMAT_VERSION} (upgrade the package to read newer files)"
         )
-    method = meta.get("method")
-    if method != type(ewc).__name__:
-        raise ValueError(
-            f"the state was saved by {method!r} but is being loaded into {type(ewc).__name__!r}"
-        )
+    check_method(meta, type(ewc).__name__)
     mode = meta.get("mode")
     if mode not in MODES:
         raise ValueError(f"the state has an unknown mode {mode!r}; expected one of {MODES}")
@@ -94,8 +227,9 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
     except ValueError as e:
         raise ValueError(f"the state's metadata: {e}") from e
     kind = meta.get("kind", ewc.kind)
-    if kind not in KINDS:
-        raise ValueError(f"the state has an unknown kind {kind!r}; expected one of {KINDS}")
+    kinds = getattr(ewc, "state_kinds", KINDS)  # MAS and SI have one kind of their own
+    if kind not in kinds:
+        raise ValueError(f"the state has an unknown kind {kind!r}; expected one of {kinds}")
     tasks = _check_tasks(meta)
     offset = _check_offset(tensors, mode)
 
@@ -111,7 +245,8 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             f"the state's precision and anchor tensors cover different parameters: "
             f"{sorted(set(prec) ^ set(anch))[:5]}"
         )
-    if tasks and not prec:
+    selected = ewc._diagonal_params()
+    if tasks and not prec and selected:
         raise ValueError("the state lists tasks but holds no tensors")
     if prec and not tasks:
         raise ValueError(
@@ -123,7 +258,6 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
             f"the state has parameters the model lacks: {unknown[:5]}; was it saved for "
             "another model?"
         )
-    selected = select_params(ewc.model, ewc.params)
     missing = sorted(n for n in selected if n not in prec)
     if prec and missing:
         raise ValueError(
@@ -161,6 +295,15 @@ def parse_state(state: Mapping[str, Any], ewc: EWC) -> tuple[Any, ...]:
         precision[n] = prec[n].detach().clone().to(p.device)
         anchor[n] = anch[n].detach().clone().to(p.device)
     return lam, gamma, mode, kind, tasks, precision, anchor, offset
+
+
+def check_method(meta: Mapping[str, Any], name: str) -> None:
+    """Raise ``ValueError`` unless the state was saved by the class ``name``."""
+    if not isinstance(meta, Mapping):
+        return  # parse_state names what is wrong with it
+    method = meta.get("method")
+    if method != name:
+        raise ValueError(f"the state was saved by {method!r} but is being loaded into {name!r}")
 
 
 _TASK_FIELDS = {"n_samples", "kind"}
@@ -205,3 +348,16 @@ def _check_offset(tensors: Mapping[str, Tensor], mode: str) -> Tensor:
     if mode == "online" and value != 0.0:
         raise ValueError(f"the state's offset is {value!r} but mode='online' keeps no offset")
     return offset
+
+
+def parse_l2_anchor(state: Mapping[str, Any]) -> str:
+    """Return the ``anchor`` of an :class:`~ewc.L2` state (``"all"`` for files without one)."""
+    meta = state.get("metadata") if isinstance(state, Mapping) else None
+    if not isinstance(meta, Mapping):
+        raise ValueError("an EWC state needs 'tensors' and 'metadata' entries")
+    anchor = meta.get("anchor", "all")
+    if anchor not in ("all", "latest"):
+        raise ValueError(
+            f"the state has an unknown L2 anchor {anchor!r}; expected 'all' or 'latest'"
+        )
+    return str(anchor)

@@ -51,15 +51,18 @@ def rel_err(got: Tensor, want: Tensor, floor: float = 0.0) -> float:
     """``max |got − want| / max(|got|, |want|)``; 0 when the difference is within ``floor``.
 
     ``floor`` is an absolute tolerance: rounding noise on a value that is zero in exact
-    arithmetic (the gradient of an attention key's bias, for one) is not a mismatch.
+    arithmetic (the gradient of an attention key's bias, for one) is not a mismatch. The
+    difference is formed in the wider of the two dtypes (float32 at least): its own rounding,
+    one unit in the last place of the difference, is far below every :func:`tolerance`.
     """
-    got, want = got.detach().double(), want.detach().double()
     if want.numel() == 0:
         return 0.0
-    diff = float((got - want).abs().max())
+    dt = torch.promote_types(torch.promote_types(got.dtype, want.dtype), torch.float32)
+    got, want = got.detach().to(dt), want.detach().to(dt)
+    stats = torch.stack([(got - want).abs().max(), got.abs().max(), want.abs().max()]).tolist()
+    diff, scale = stats[0], max(stats[1], stats[2])
     if diff <= floor:
         return 0.0
-    scale = max(float(got.abs().max()), float(want.abs().max()))
     return float("inf") if scale == 0.0 else diff / scale
 
 

@@ -1,4 +1,4 @@
-"""The ``ewc`` command: ``ewc demo``, ``ewc run``, ``ewc plot``, ``ewc overlap``, ``ewc curvature``.
+"""The ``ewc`` command: ``demo``, ``run``, ``reproduce``, ``plot``, ``overlap``, ``curvature``.
 
 Run ``ewc <command> --help`` for the options of each.
 """
@@ -59,8 +59,17 @@ def _lam(text: str) -> dict[str, list[float]]:
     return out
 
 
-def _add_training_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
     g.add_argument(
         "--hidden",
         type=lambda s: [int(v) for v in s.split(",")],
@@ -87,7 +96,52 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fisher-kind", choices=["sampled", "empirical", "exact"])
     g.add_argument("--fisher-samples", type=int, help="data points for each Fisher estimate")
     g.add_argument("--gamma", type=float, help="online-ewc decay of old Fishers, in (0, 1]")
+    g.add_argument("--xi", type=float, help="SI's damping ξ in ω / (Δ² + ξ) (default 0.1)")
     g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--seeds",
+        type=_ints,
+        metavar="0,1,2",
+        help="run every method once per seed; report mean ± std",
+    )
+    g.add_argument(
+        "--device", choices=["cpu", "cuda", "mps", "auto"], help="where to train (default cpu)"
+    )
+    p = parser.add_argument_group("protocol")
+    p.add_argument("--pad", type=int, help="zero pixels on every side (2: MNIST at 32×32)")
+    p.add_argument(
+        "--normalize",
+        type=lambda t: [] if t.strip().lower() == "none" else _floats(t),
+        metavar="MEAN,STD",
+        help="normalise the (padded) inputs, e.g. 0.1,0.2752 (Hsu et al.); none: [0, 1] inputs",
+    )
+    opt = p.add_mutually_exclusive_group()
+    opt.add_argument(
+        "--keep-optimizer",
+        dest="reset_optimizer",
+        action="store_false",
+        default=None,
+        help="one optimizer for the whole stream (default: a fresh one per task)",
+    )
+    opt.add_argument(
+        "--reset-optimizer",
+        dest="reset_optimizer",
+        action="store_true",
+        default=None,
+        help="a fresh optimizer for every task (overrides a config's choice)",
+    )
+    p.add_argument(
+        "--output-mask",
+        choices=["none", "seen"],
+        help="class-incremental: train over the classes seen so far only (Hsu et al.)",
+    )
+    p.add_argument("--unpermuted-task", type=int, help="permuted: which task keeps pixel order")
+    p.add_argument("--val-fraction", type=float, help="validation split (default 0.1; 0: none)")
+    p.add_argument(
+        "--l2-anchor",
+        choices=["all", "latest"],
+        help="L2 pulls towards every past optimum (all) or the latest one (latest, Hsu et al.)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,13 +187,38 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--methods",
         type=lambda s: [m.strip() for m in s.split(",")],
-        help="comma-separated: finetune,l2,ewc,online-ewc",
+        help="comma-separated: finetune,l2,ewc,online-ewc,si,mas,kfac-ewc,online-kfac-ewc",
     )
-    r.add_argument("--lam", type=_lam, help="λ: 100, or ewc=100,l2=0.01; ewc=10:100:1000 sweeps")
+    r.add_argument(
+        "--lam",
+        type=_lam,
+        help="λ: 100, or ewc=100,l2=0.01; ewc=10:100:1000 sweeps (si: the paper's c, default "
+        "sweep 0.1:1:10:100:1000; mas: λ, default sweep 0.01:0.1:1:10:100)",
+    )
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_training_options(r)
+
+    rp = sub.add_parser(
+        "reproduce",
+        help="run a published protocol from configs/ and compare with the paper",
+        description="Run one protocol of configs/ (`ewc reproduce --list` names them) and print "
+        "our numbers beside the published ones (mean ± std, difference).",
+    )
+    rp.add_argument("name", nargs="?", help="protocol name (or a path to a protocol JSON)")
+    rp.add_argument("--list", action="store_true", help="list the protocols and exit")
+    rp.add_argument("--data-dir", help="directory with the IDX files the protocol reads")
+    rp.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"])
+    rp.add_argument("--seeds", type=_ints, metavar="0,1,2", help="override the protocol's seeds")
+    rp.add_argument(
+        "--methods",
+        type=lambda s: [m.strip() for m in s.split(",")],
+        help="run only these of the protocol's methods",
+    )
+    rp.add_argument("--out", help="output directory (default runs/NAME)")
+    rp.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pl = sub.add_parser(
         "plot",
@@ -185,16 +264,29 @@ def _config(args: argparse.Namespace) -> Any:
             base = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read --config {args.config}: {e}") from e
+        if isinstance(base, dict) and "published" in base and "config" in base:
+            from .experiments.protocols import load_protocol
+
+            base = dict(load_protocol(args.config, check_methods=False).config)
     names = {f for f in Config.__dataclass_fields__}
     for key, value in vars(args).items():
         if key in names and value is not None:
             base[key] = value
-    if "iterations" in base and "epochs" not in base:
+    if "iterations" in base and ("epochs" not in base or getattr(args, "iterations", None)):
         base["epochs"] = None
+    if getattr(args, "epochs", None) is not None and not getattr(args, "iterations", None):
+        base["iterations"] = None
+    if getattr(args, "methods", None) and isinstance(base.get("lam"), dict):
+        # λ (and options) of methods not run are dropped, e.g. those of a protocol file
+        base["lam"] = {m: v for m, v in base["lam"].items() if m in args.methods or m == "*"}
+        opts = base.get("method_options") or {}
+        base["method_options"] = {m: v for m, v in opts.items() if m in args.methods}
     if isinstance(base.get("lam"), dict) and "*" in base["lam"]:
         values = base["lam"].pop("*")
         for m in base.get("methods", ["finetune", "l2", "ewc"]):
             base["lam"].setdefault(m, values)
+    if base.get("normalize") == []:
+        base["normalize"] = None
     if base.get("data_dir") and "source" not in base:
         base["source"] = "mnist"
     return Config.from_dict(base)
@@ -242,6 +334,59 @@ def _run(cfg: Any, out: str, resume: bool, progress: bool) -> None:
     )
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    import time
+
+    from .experiments.plots import plot_all
+    from .experiments.protocols import compare, list_protocols, load_protocol
+    from .experiments.results import format_table
+    from .experiments.trainer import METHODS, run_experiment
+
+    if args.list:
+        for p in list_protocols():
+            cfg = p.config
+            missing = [m for m in cfg.get("methods", []) if m not in METHODS]
+            extra = f"  (needs {', '.join(missing)})" if missing else ""
+            print(f"{p.name:34s} {p.title}{extra}")
+        return
+    if not args.name:
+        raise ValueError("name a protocol (ewc reproduce --list shows them)")
+    proto = load_protocol(args.name, check_methods=False)
+    methods = args.methods or proto.config.get("methods")
+    missing = [m for m in methods or [] if m not in METHODS]
+    if missing:
+        raise ValueError(
+            f"this installation has no method(s) {missing} (available: {sorted(METHODS)}); run "
+            f"the others with --methods {','.join(m for m in methods if m in METHODS)}"
+        )
+    lam = proto.config.get("lam", {})
+    cfg = proto.make_config(
+        data_dir=args.data_dir,
+        device=args.device,
+        seeds=args.seeds,
+        methods=methods,
+        lam={m: v for m, v in lam.items() if m in methods} if args.methods else None,
+    )
+    if cfg.source != "mnist5k" and not cfg.data_dir:
+        raise ValueError(f"{proto.name} reads {cfg.source}: pass --data-dir DIR with its IDX files")
+    out = args.out or str(Path("runs") / proto.name)
+    _check_out(out)
+    t0 = time.perf_counter()
+    results = run_experiment(cfg, out, resume=args.resume, progress=not args.no_progress)
+    plot_all(results, out)
+    table, rows = compare(proto, results)
+    wall = time.perf_counter() - t0
+    print(f"{proto.title}\n{proto.reference}\n")
+    print(format_table(results))
+    print()
+    print(table)
+    print(f"\nwall time {wall:.0f} s on {results['versions'].get('device', 'cpu')}; results: {out}")
+    (Path(out) / "comparison.json").write_text(
+        json.dumps({"protocol": proto.name, "wall_seconds": round(wall, 1), "rows": rows}, indent=1)
+    )
+    (Path(out) / "comparison.txt").write_text(table + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ewc`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -254,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(cfg, args.out, resume=False, progress=not args.no_progress)
         elif args.command == "run":
             _run(_config(args), args.out, args.resume, not args.no_progress)
+        elif args.command == "reproduce":
+            _reproduce(args)
         elif args.command == "plot":
             from .experiments.plots import plot_all
             from .experiments.results import read_results

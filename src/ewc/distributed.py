@@ -23,6 +23,14 @@ set of ``L`` indices to ``total_size = W ⌈L / W⌉`` by repeating its first in
 rank ``r`` holds ``|{k ≥ 0 : r + kW < L}| = ⌈(L − r) / W⌉`` real samples (0 when ``r ≥ L``);
 counting only those counts every sample of the data set exactly once.
 
+**Failing cleanly.** A rank that fails (bad labels, a non-finite loss, a loader that raises)
+must not leave the others blocked in a collective until the process group's timeout. Every
+collective ``ewc`` issues is preceded by a status all-reduce (:meth:`Reduction.agree`), one per
+batch: each rank says whether it is still reading data and whether it has failed; if any has,
+every rank raises the same :class:`RankFailure`, naming the failing rank and its error, within
+one batch's time. Ranks whose shard is exhausted keep answering the status rounds until every
+rank is done, so uneven shards need no other coordination.
+
 Models wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` or
 :class:`~torch.nn.DataParallel` are unwrapped to their ``.module``: the per-sample passes must
 not run through the wrapper (its forward prepares a gradient all-reduce), and parameter names
@@ -42,7 +50,9 @@ from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
+    "RankFailure",
     "Reduction",
+    "run_steps",
     "resolve",
     "unwrap",
     "local_limit",
@@ -65,6 +75,31 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, _WRAPPERS):
         model = model.module
     return model
+
+
+_MESSAGE_BYTES = 400  # of each failing rank's error, sent as UTF-8 in a uint8 tensor
+
+
+class RankFailure(RuntimeError):
+    """Raised on every rank when one or more ranks failed during a distributed ``ewc`` call.
+
+    Attributes:
+        ranks: The failing ranks (in the reduction's group), in order.
+        causes: Each failing rank's error, as ``"ExceptionType: message"`` (truncated).
+    """
+
+    def __init__(self, ranks: list[int], causes: list[str], world_size: int) -> None:
+        self.ranks, self.causes = ranks, causes
+        first = f"rank {ranks[0]} of {world_size} failed: {causes[0]}"
+        pairs = zip(ranks[1:], causes[1:], strict=True)
+        more = "".join(f"; rank {r} failed: {c}" for r, c in pairs)
+        super().__init__(first + more + " (every rank of the group stops here)")
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    raw = text.encode("utf-8")[:_MESSAGE_BYTES]
+    return raw.decode("utf-8", errors="ignore")
 
 
 @dataclass(frozen=True)
@@ -103,6 +138,74 @@ class Reduction:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
         return int(total.item())
+
+    def agree(
+        self,
+        failure: BaseException | None,
+        active: bool = True,
+        device: torch.device | None = None,
+    ) -> int:
+        """Status round: return how many ranks are ``active``; raise if any rank failed.
+
+        One all-reduce of ``W + 1`` integers (the active count and one failure flag per rank);
+        only when a flag is set, a second one carries each failing rank's error message (UTF-8
+        bytes, no pickling). Every rank of the group must call it the same number of times.
+
+        Raises:
+            RankFailure: on every rank, if any rank passed a ``failure`` (on that rank chained
+                to its own exception).
+        """
+        device = device or torch.device("cpu")
+        status = torch.zeros(self.world_size + 1, dtype=torch.int64, device=device)
+        status[0] = int(active)
+        status[1 + self.rank] = int(failure is not None)
+        dist.all_reduce(status, op=dist.ReduceOp.SUM, group=self.group)
+        flags = status[1:].tolist()
+        if not any(flags):
+            return int(status[0])
+        text = torch.zeros(self.world_size, _MESSAGE_BYTES, dtype=torch.uint8, device=device)
+        if failure is not None:
+            raw = _describe(failure).encode("utf-8")
+            text[self.rank, : len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        dist.all_reduce(text, op=dist.ReduceOp.SUM, group=self.group)
+        ranks = [r for r, f in enumerate(flags) if f]
+        causes = [bytes(text[r].tolist()).rstrip(b"\0").decode("utf-8", "ignore") for r in ranks]
+        raise RankFailure(ranks, causes, self.world_size) from failure
+
+
+def run_steps(
+    items: Iterable[Any],
+    reduction: Reduction | None,
+    step: Callable[[Any], None],
+    device: torch.device | None = None,
+) -> None:
+    """Call ``step(item)`` for each item, every rank agreeing before each one that all are well.
+
+    Without a reduction this is a plain loop. With one, each round starts with
+    :meth:`Reduction.agree`: a rank's error while reading an item or in ``step`` is reported at
+    the next round, where every rank raises the same :class:`RankFailure`; a rank out of items
+    keeps joining the rounds (inactive) until no rank is active.
+    """
+    if reduction is None:
+        for item in items:
+            step(item)
+        return
+    iterator = iter(items)
+    failure: BaseException | None = None
+    while True:
+        item = None
+        if failure is None:
+            try:
+                item = next(iterator, None)
+            except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
+                failure = e
+        if reduction.agree(failure, active=item is not None, device=device) == 0:
+            return
+        if item is not None:
+            try:
+                step(item)
+            except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
+                failure = e
 
 
 def resolve(distributed: bool | None, group: Any = None) -> Reduction | None:

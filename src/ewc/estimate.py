@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _rules
+from . import _fsdp
 from . import distributed as _dist
 from ._batches import batch_size, split_batch, take, to_device
 from ._capture import Record
+from ._columns import DiagonalSums, column_grads, live_layers
 from ._options import FisherOptions, OutputFn, acc_dtype
 from ._probe import Router
 from ._route import Route
@@ -53,50 +54,19 @@ def accumulate_fast(
     """Back-propagate the columns of ``s`` to the fast layers and add their closed forms.
 
     One backward pass per column (only to the layers' outputs: no weight gradients), the rules
-    applied column by column so only one column's gradients are held at a time. Layers whose
+    applied column by column so only one column's gradients are held at a time
+    (:func:`ewc._columns.column_grads`, :class:`ewc._columns.DiagonalSums`). Layers whose
     rule only needs ``Σ_k g_k²`` (Linear on 2-D inputs) accumulate that and do one matmul.
     Layer outputs that do not require gradients (a layer called under ``torch.no_grad()``)
     contribute zero. Squares are formed in the accumulators' dtype (float32 or wider).
     """
-    part = route.partition
-    live = [n for n in part.fast if records[n].out.requires_grad]
-    if not live or not z.requires_grad:
+    live = live_layers(route, records, z)
+    if not live:
         return
-    outs = [records[n].out for n in live]
-    k = s.shape[0]
-
-    def add(name: str, vals: dict[str, Tensor]) -> None:
-        for local, val in vals.items():
-            full = part.names[name].get(local)
-            if full is not None:  # a layer's unselected parameter (``params=``) is dropped
-                sums[full] += val.to(sums[full].dtype)
-
-    acc = acc_dtype(z.dtype)
-    xs = {n: _as(records[n].x, acc, part.rules[n]) for n in live}
-    squares: dict[str, Tensor] = {}
-    for j in range(k):
-        gs = torch.autograd.grad(z, outs, s[j], retain_graph=j < k - 1, allow_unused=True)
-        grads = {}
-        for name, o, g in zip(live, outs, gs, strict=True):
-            rule = part.rules[name]
-            g = o.new_zeros(o.shape) if g is None else g
-            g = g if rule.native else g.to(acc)
-            grads[name] = g
-            if rule.factorised and xs[name].dim() == 2:
-                squares[name] = g.square() if j == 0 else squares[name].addcmul_(g, g)
-            else:
-                add(name, rule.diagonal(part.fast[name], xs[name], g.unsqueeze(0)))
-        for full, lin, emb in part.ties:
-            if lin in grads and emb in grads:
-                cross = _rules.tied_cross(xs[lin], grads[lin], xs[emb], grads[emb], part.fast[emb])
-                sums[full] += cross.to(sums[full].dtype)
-    for name, g2 in squares.items():
-        into = {local: sums[full] for local, full in part.names[name].items()}
-        add(name, _rules.linear_from_sq(part.fast[name], xs[name], g2, into))
-
-
-def _as(x: Tensor, dtype: torch.dtype, rule: _rules.LayerRule) -> Tensor:
-    return x if rule.native or not x.is_floating_point() else x.to(dtype)
+    diag = DiagonalSums(route, records, z, sums, live)
+    for grads in column_grads(route, records, z, s, live):
+        diag.column(grads)
+    diag.finish()
 
 
 # --- The public entry --------------------------------------------------------------------
@@ -231,6 +201,8 @@ def estimate(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Fish
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
+        if _fsdp.sharded_names(trainable):  # FSDP2: a lockstep loop into DTensor shards
+            return _fsdp.estimate(model, data, opts, trainable, limit, reduction)
         return _estimate(model, data, opts, trainable, limit, reduction)
     finally:
         for m, mode in modes.items():
@@ -277,7 +249,10 @@ def _estimate(
     }
     router = Router(model, trainable, opts)
     seen = 0
-    for idx, inputs, targets, size in _batches(data, opts, limit, device):
+
+    def step(item: tuple[int, Any, Tensor | None, int]) -> None:
+        nonlocal seen
+        idx, inputs, targets, size = item
         route, z, records = router.forward(inputs, size)
         s = _factor(z, targets, size, idx, opts)
         z_dtype = z.dtype
@@ -287,6 +262,9 @@ def _estimate(
             for n, val in router.generic_squares(route, inputs, s.to(z_dtype)).items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
+
+    # under a reduction, every batch starts with a status round: a failing rank stops all
+    _dist.run_steps(_batches(data, opts, limit, device), reduction, step, device)
     if reduction is not None:  # Σ_r S_r and Σ_r N_r: the Fisher of the union of the shards
         seen = reduction.all_reduce(sums, seen)
     if seen == 0:

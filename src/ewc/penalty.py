@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from . import _fsdp
 from . import distributed as _dist
 from ._options import FisherOptions, describe_params
 from ._select import ParamSelector, select_params
@@ -44,6 +45,7 @@ __all__ = ["EWC", "L2", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 MODES = ("separate", "online")
+CURVATURES = ("diagonal", "kfac")
 
 
 def _dtype_from_name(name: Any) -> torch.dtype | None:
@@ -99,6 +101,9 @@ class EWC:
             to halve its memory for a large model); ``None`` keeps each parameter's dtype.
             The anchors stay in the parameters' dtype, so the penalty is exactly zero at the
             optimum; sums are formed in the parameters' dtype before rounding.
+        curvature: ``"diagonal"`` (this class) or ``"kfac"``: a Kronecker-factored block per
+            ``nn.Linear``/``nn.Conv2d`` (:class:`ewc.kfac_penalty.KFACEWC`, which also takes
+            ``merge=``).
 
     Example:
         >>> import torch
@@ -110,6 +115,16 @@ class EWC:
         >>> float(loss)
         0.0
     """
+
+    def __new__(cls, *args: Any, curvature: str = "diagonal", **kwargs: Any) -> EWC:
+        """``curvature="kfac"`` makes a :class:`ewc.kfac_penalty.KFACEWC`."""
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if cls is EWC and curvature == "kfac":
+            from .kfac_penalty import KFACEWC
+
+            return super().__new__(KFACEWC)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -124,7 +139,10 @@ class EWC:
         mc_samples: int = 1,
         params: ParamSelector = None,
         fisher_dtype: torch.dtype | None = None,
+        curvature: str = "diagonal",
     ) -> None:
+        if curvature != "diagonal":
+            raise ValueError(f"{type(self).__name__} takes curvature='diagonal' only")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = _dist.unwrap(model)
@@ -187,11 +205,13 @@ class EWC:
     def _params(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
 
+    def _diagonal_params(self) -> dict[str, nn.Parameter]:
+        """Return the selected parameters that the diagonal precision covers."""
+        return select_params(self.model, self.params)
+
     def _check_fisher(self, fisher: Mapping[str, Tensor]) -> None:
         params = self._params()
-        expected = (
-            set(self.precision) if self.precision else set(select_params(self.model, self.params))
-        )
+        expected = set(self.precision) if self.precision else set(self._diagonal_params())
         got = set(fisher)
         if got != expected:
             missing, extra = sorted(expected - got), sorted(got - expected)
@@ -259,7 +279,7 @@ class EWC:
             safe = torch.where(a_new > 0, a_new, torch.ones_like(a_new))
             w = torch.where(a_new > 0, f / safe, torch.ones_like(f))
             diff = theta - mu
-            offset += (a * w * diff.square()).double().sum().cpu()
+            offset += _fsdp.total((a * w * diff.square()).double().sum()).cpu()
             new_prec[n], new_anchor[n] = a_new.to(store), mu + w * diff
         self.precision, self.anchor = new_prec, new_anchor
         self.offset = offset if self.mode == "separate" else torch.zeros((), dtype=torch.float64)
@@ -289,6 +309,8 @@ class EWC:
             p0 = next(iter(self._params().values()))
             return p0.new_zeros(())
         ps, precs, anchors = self._operands()
+        if any(_fsdp.is_sharded(p) for p in ps):  # FSDP2: per-shard parts, summed over ranks
+            return _fsdp.penalty(_Quadratic.apply, self.lam, float(self.offset), ps, precs, anchors)
         return _Quadratic.apply(self.lam, float(self.offset), precs, anchors, *ps)
 
     __call__ = penalty
@@ -387,12 +409,28 @@ class EWC:
             self.anchor,
             self.offset,
         ) = parsed
+        params = self._params()  # FSDP2: each rank keeps its shards, as its parameters
+        self.precision = {n: _fsdp.shard_like(t, params[n]) for n, t in self.precision.items()}
+        self.anchor = {n: _fsdp.shard_like(t, params[n]) for n, t in self.anchor.items()}
 
-    def save(self, path: str) -> None:
-        """Write the state to ``path`` as safetensors with JSON metadata (never pickle)."""
-        from ._state import save_state
+    def save(self, path: str, *, max_shard_bytes: int | None = None) -> None:
+        """Write the state to ``path`` as safetensors with JSON metadata (never pickle).
 
-        save_state(self.state_dict(), path)
+        A model with FSDP-sharded (DTensor) parameters, or a ``max_shard_bytes``, writes the
+        Hugging Face sharded layout instead: ``path`` becomes a directory of safetensors files
+        of whole tensors (each at most ``max_shard_bytes``, default 1 GiB, unless one tensor is
+        larger) plus ``ewc.safetensors.index.json`` (the tensor -> file map and this object's
+        metadata). Every rank must call it; the tensors are gathered one at a time and rank 0
+        writes them. :meth:`load` reads either layout into a plain, DDP or FSDP model of any
+        world size.
+        """
+        from ._state import save_sharded, save_state
+
+        state = self.state_dict()
+        if max_shard_bytes is not None or any(map(_fsdp.is_sharded, state["tensors"].values())):
+            save_sharded(state, path, max_shard_bytes=max_shard_bytes)
+        else:
+            save_state(state, path)
 
     @classmethod
     def load(cls, path: str, model: nn.Module, **kwargs: Any) -> EWC:
@@ -401,11 +439,21 @@ class EWC:
         ``kwargs`` (e.g. ``likelihood=``) are passed to the constructor; λ, γ, mode and kind
         come from the file.
         """
-        from ._state import load_state
+        from ._state import check_method, load_state
 
         state = load_state(path)
         meta = state["metadata"]
+        # Before the constructor reads the metadata; ``EWC.load`` of a structured curvature's
+        # state builds that curvature's class, checked once it is known.
+        dispatch = (
+            cls is EWC
+            and isinstance(meta, Mapping)
+            and meta.get("curvature", "diagonal") != "diagonal"
+        )
+        if not dispatch:
+            check_method(meta, cls.__name__)
         obj = cls._from_meta(model, meta, **kwargs)
+        check_method(meta, type(obj).__name__)
         obj.load_state_dict(state)
         return obj
 
@@ -415,6 +463,8 @@ class EWC:
         if isinstance(saved, list):
             kwargs.setdefault("params", saved)
         kwargs.setdefault("fisher_dtype", _dtype_from_name(meta.get("fisher_dtype")))
+        if meta.get("curvature", "diagonal") != "diagonal":
+            kwargs.setdefault("curvature", meta["curvature"])
         try:
             return cls(
                 model,
@@ -476,22 +526,61 @@ class _Quadratic(torch.autograd.Function):
 
 
 class L2(EWC):
-    """The paper's L2 baseline: EWC's interface with ``F = 1`` for every parameter.
+    r"""The L2 baseline: EWC's interface with ``F = 1`` for every parameter.
 
-    ``consolidate()`` (no data needed) anchors at the current parameters; the penalty is
-    ``(λ/2) Σ_t ||θ − θ*_t||²``.
+    ``consolidate()`` (no data needed) anchors at the current parameters. Which optima pull
+    depends on ``anchor``:
+
+    * ``"all"`` (the EWC paper's baseline): one unit pull per consolidated task,
+      ``(λ/2) Σ_t ||θ − θ*_t||²`` — stored merged as ``(λ/2) (T ||θ − θ̄||² + c)`` with
+      ``θ̄`` the mean of the optima, so it grows stiffer with every task;
+    * ``"latest"`` (Hsu et al. 2018, whose L2 keeps one slot that each task overwrites): a
+      single unit pull towards the latest optimum, ``(λ/2) ||θ − θ*_T||²``, as stiff after
+      ten tasks as after one. Hsu et al.'s ``reg_coef · Σ (θ − θ*)²`` is ``λ = 2 reg_coef``.
+
+    Args:
+        model: The network.
+        lam: λ ≥ 0.
+        anchor: ``"all"`` or ``"latest"`` (saved with the state).
+        mode, gamma: As for :class:`EWC` (``mode="online"`` with ``anchor="all"`` gives
+            ``A ← γ A + 1`` at the latest optimum); ``anchor="latest"`` needs the default
+            ``mode="separate"``.
+        **kwargs: Passed to :class:`EWC` (``params=``, ``fisher_dtype=``).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> l2 = L2(net, lam=2.0, anchor="latest")
+        >>> _ = l2.consolidate()
+        >>> with torch.no_grad():
+        ...     _ = net.weight.add_(1.0)
+        >>> _ = l2.consolidate()   # replaces the first anchor
+        >>> float(l2.penalty()), l2.num_tasks
+        (0.0, 2)
     """
+
+    ANCHORS = ("all", "latest")
 
     def __init__(
         self,
         model: nn.Module,
         lam: float,
         *,
+        anchor: str = "all",
         mode: str = "separate",
         gamma: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        if anchor not in self.ANCHORS:
+            raise ValueError(f"anchor must be one of {self.ANCHORS}, got {anchor!r}")
+        if anchor == "latest" and mode != "separate":
+            raise ValueError(
+                "anchor='latest' keeps one unit pull towards the latest optimum; it does not "
+                f"combine with mode={mode!r} (use anchor='all' with mode='online' for γ-decayed "
+                "sums)"
+            )
         super().__init__(model, lam, mode=mode, gamma=gamma, **kwargs)
+        self.anchor_kind = anchor
 
     def consolidate(  # noqa: D102
         self,
@@ -505,4 +594,46 @@ class L2(EWC):
         names = self.precision or select_params(self.model, self.params)
         params = self._params()
         ones = Fisher({n: torch.ones_like(params[n]) for n in names}, kind="identity")
-        return super().consolidate(fisher=ones)
+        if self.anchor_kind == "all":
+            return super().consolidate(fisher=ones)
+        saved = (self.precision, self.anchor, self.offset)
+        self.precision, self.anchor = {}, {}
+        self.offset = torch.zeros((), dtype=torch.float64)
+        try:
+            return super().consolidate(fisher=ones)
+        except BaseException:
+            self.precision, self.anchor, self.offset = saved
+            raise
+
+    def _metadata(self) -> dict[str, Any]:
+        return {**super()._metadata(), "anchor": self.anchor_kind}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: D102
+        from ._state import parse_l2_anchor
+
+        anchor = parse_l2_anchor(state)
+        if anchor == "latest" and state["metadata"].get("mode") != "separate":
+            raise ValueError("the state has anchor='latest' with a mode other than 'separate'")
+        saved = (self.lam, self.gamma, self.mode, self.kind, self.tasks)
+        saved_t = (self.precision, self.anchor, self.offset)
+        super().load_state_dict(state)
+        if anchor == "latest" and (
+            float(self.offset) != 0.0 or any(bool((a != 1).any()) for a in self.precision.values())
+        ):
+            self.lam, self.gamma, self.mode, self.kind, self.tasks = saved
+            self.precision, self.anchor, self.offset = saved_t
+            raise ValueError(
+                "the state says anchor='latest' but its precision is not 1 everywhere (or its "
+                "offset is not 0): the file is corrupt, or not written by L2"
+            )
+        self.anchor_kind = anchor
+
+    @classmethod
+    def _from_meta(cls, model: nn.Module, meta: Mapping[str, Any], **kwargs: Any) -> EWC:
+        anchor = meta.get("anchor", "all")
+        if anchor in cls.ANCHORS:
+            kwargs.setdefault("anchor", anchor)
+        return super()._from_meta(model, meta, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, anchor={self.anchor_kind!r})"

@@ -31,7 +31,7 @@ from .streams import (
     rotated_tasks,
     split_tasks,
 )
-from .transforms import permute_pixels, random_permutations, rotate_images, to_float
+from .transforms import pad_images, permute_pixels, random_permutations, rotate_images, to_float
 
 __all__ = [
     # task streams
@@ -62,6 +62,7 @@ __all__ = [
     "CHECKSUMS",
     # transforms
     "to_float",
+    "pad_images",
     "permute_pixels",
     "random_permutations",
     "rotate_images",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .sources import Splits, load_source
-from .transforms import permute_pixels, random_permutations, rotate_images, to_float
+from .transforms import pad_images, permute_pixels, random_permutations, rotate_images, to_float
 
 __all__ = [
     "BENCHMARKS",
@@ -65,8 +65,13 @@ class Task:
         base: The shared base data.
         label_map: ``int64 (num_classes,)``; ``y = label_map[original label]`` (-1 for classes
             not in the task).
-        permutation: ``int64 (784,)`` pixel permutation, or ``None`` (none, or the identity).
+        permutation: ``int64 (784,)`` pixel permutation, or ``None`` (none, or the identity);
+            ``(H + 2 pad) (W + 2 pad)`` long with padding.
         angle: Counter-clockwise rotation in degrees, or ``None``.
+        pad: Zero pixels added on every side before rotating and permuting (2 turns MNIST's
+            28×28 into the 32×32 of Hsu et al. 2018); ``x_*`` is then ``(N, (28 + 2 pad)²)``.
+        normalize: ``(mean, std)``: inputs become ``(x − mean) / std`` after padding (Hsu et
+            al.: ``(0.1, 0.2752)`` for 32×32 MNIST), or ``None`` (inputs stay in ``[0, 1]``).
     """
 
     name: str
@@ -78,6 +83,8 @@ class Task:
     label_map: np.ndarray = field(repr=False)
     permutation: np.ndarray | None = field(default=None, repr=False)
     angle: float | None = None
+    pad: int = 0
+    normalize: tuple[float, float] | None = None
 
     def split(self, which: str) -> tuple[Tensor, Tensor]:
         """Return ``(x, y)`` of ``"train"``, ``"val"`` or ``"test"``, computed afresh (uncached)."""
@@ -86,11 +93,16 @@ class Task:
             keep = np.isin(y, self.classes)
             x, y = x[keep], y[keep]
         images = to_float(x)
+        if self.pad:
+            images = pad_images(images, self.pad)
         if self.angle is not None:
             images = rotate_images(images, self.angle)
-        flat = images.reshape(images.shape[0], -1)
+        flat = images.reshape(images.shape[0], images.shape[1] * images.shape[2])
         if self.permutation is not None:
             flat = permute_pixels(flat, self.permutation)
+        if self.normalize is not None:
+            mean, std = self.normalize
+            flat = (flat - mean) / std
         labels = torch.as_tensor(self.label_map[y], dtype=torch.int64)
         return flat.contiguous(), labels
 
@@ -197,6 +209,8 @@ def _spec(t: Task) -> dict[str, object]:
         "label_map": t.label_map,
         "permutation": t.permutation,
         "angle": t.angle,
+        "pad": t.pad,
+        "normalize": t.normalize,
     }
 
 
@@ -221,6 +235,8 @@ def permuted_tasks(
     seed: int = 0,
     first_identity: bool = True,
     scenario: str = "domain",
+    unpermuted_task: int | None = None,
+    pad: int = 0,
 ) -> Stream:
     """Permuted MNIST: each task applies one fixed, seeded pixel permutation to every image.
 
@@ -230,13 +246,26 @@ def permuted_tasks(
         seed: Seed of the permutations (see :func:`~ewc.data.random_permutations`).
         first_identity: Task 0 is the unpermuted data.
         scenario: ``"domain"`` (the EWC paper's setting), ``"task"`` or ``"class"``.
+        unpermuted_task: The index of the unpermuted task (overrides ``first_identity``; the
+            other tasks keep their permutations).
+        pad: Zero padding on every side; the permutations then cover the padded image, as in
+            van de Ven et al.'s and Hsu et al.'s 32×32 permuted MNIST.
 
     Returns:
         The :class:`Stream`.
     """
     _check_scenario(scenario)
-    n_pixels = int(np.prod(base.x_train.shape[1:]))
-    perms = random_permutations(n_tasks, n_pixels, seed=seed, first_identity=first_identity)
+    h, w = base.x_train.shape[1:]
+    n_pixels = (h + 2 * pad) * (w + 2 * pad)
+    perms = random_permutations(
+        n_tasks, n_pixels, seed=seed, first_identity=first_identity and unpermuted_task is None
+    )
+    if unpermuted_task is not None:
+        if not 0 <= unpermuted_task < n_tasks:
+            raise ValueError(
+                f"unpermuted_task must be a task index in 0..{n_tasks - 1}, got {unpermuted_task}"
+            )
+        perms[unpermuted_task] = np.arange(n_pixels, dtype=np.int64)
     tasks = []
     for t, perm in enumerate(perms):
         label_map, width = _same_labels(base, t, n_tasks, scenario)
@@ -251,6 +280,7 @@ def permuted_tasks(
                 base=base,
                 label_map=label_map,
                 permutation=None if identity else perm,
+                pad=pad,
             )
         )
     return Stream(f"permuted-{base.name}", scenario, tasks)
@@ -372,6 +402,9 @@ def make_stream(
     angles: Sequence[float] | None = None,
     max_angle: float = 180.0,
     groups: Sequence[Sequence[int]] | None = None,
+    unpermuted_task: int | None = None,
+    pad: int = 0,
+    normalize: tuple[float, float] | None = None,
 ) -> Stream:
     """Build a continual-learning benchmark.
 
@@ -393,6 +426,10 @@ def make_stream(
         angles: Rotated: explicit angles (degrees, counter-clockwise).
         max_angle: Rotated: angles evenly spaced over ``[0, max_angle]``.
         groups: Split: explicit class groups.
+        unpermuted_task: Permuted: the index of the unpermuted task (overrides
+            ``first_identity``).
+        pad: Zero pixels on every side of each image (2: 28×28 → 32×32).
+        normalize: ``(mean, std)`` applied to the (padded) inputs, or ``None``.
 
     Returns:
         The :class:`Stream`.
@@ -410,15 +447,45 @@ def make_stream(
         if isinstance(source, Splits)
         else load_source(source, root, val_fraction=val_fraction)
     )
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"pad must be an int >= 0 (zero pixels on each side), got {pad!r}")
+    if normalize is not None:
+        normalize = _check_normalize(normalize)
     if key == "split-mnist":
-        return split_tasks(
+        stream = split_tasks(
             base, 5 if n_tasks is None else n_tasks, scenario=scenario or "task", groups=groups
         )
+        return _with_inputs(stream, pad, normalize)
     n = 10 if n_tasks is None else n_tasks
     if n < 1:
         raise ValueError(f"n_tasks must be at least 1, got {n}")
     if key == "permuted-mnist":
-        return permuted_tasks(
-            base, n, seed=seed, first_identity=first_identity, scenario=scenario or "domain"
+        stream = permuted_tasks(
+            base,
+            n,
+            seed=seed,
+            first_identity=first_identity,
+            scenario=scenario or "domain",
+            unpermuted_task=unpermuted_task,
+            pad=pad,
         )
-    return rotated_tasks(base, n, angles=angles, max_angle=max_angle, scenario=scenario or "domain")
+        return _with_inputs(stream, pad, normalize)
+    stream = rotated_tasks(
+        base, n, angles=angles, max_angle=max_angle, scenario=scenario or "domain"
+    )
+    return _with_inputs(stream, pad, normalize)
+
+
+def _check_normalize(normalize: Sequence[float]) -> tuple[float, float]:
+    vals = tuple(float(v) for v in normalize)
+    if len(vals) != 2 or not all(np.isfinite(vals)) or vals[1] <= 0:
+        raise ValueError(f"normalize must be (mean, std) with std > 0, got {normalize!r}")
+    return vals[0], vals[1]
+
+
+def _with_inputs(stream: Stream, pad: int, normalize: tuple[float, float] | None) -> Stream:
+    """Return the same tasks with every task's ``pad`` and ``normalize`` set."""
+    if not pad and normalize is None:
+        return stream
+    tasks = [Task(**{**_spec(t), "pad": pad, "normalize": normalize}) for t in stream]
+    return Stream(stream.name, stream.scenario, tasks)

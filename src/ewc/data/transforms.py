@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-__all__ = ["permute_pixels", "random_permutations", "rotate_images", "to_float"]
+__all__ = ["pad_images", "permute_pixels", "random_permutations", "rotate_images", "to_float"]
 
 
 def to_float(images: np.ndarray | Tensor) -> Tensor:
@@ -29,6 +29,21 @@ def to_float(images: np.ndarray | Tensor) -> Tensor:
     if t.dtype != torch.uint8:
         raise TypeError(f"to_float expects uint8 images, got {t.dtype}")
     return t.to(torch.float32).div_(255.0)
+
+
+def pad_images(x: Tensor, pad: int) -> Tensor:
+    """Add ``pad`` zero pixels on every side of ``(N, H, W)`` images.
+
+    Args:
+        x: ``(N, H, W)`` images.
+        pad: Pixels on each side (``pad=2`` turns MNIST's 28×28 into 32×32).
+
+    Returns:
+        ``(N, H + 2 pad, W + 2 pad)``, same dtype, the original in the middle.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"pad_images expects (N, H, W) images, got shape {tuple(x.shape)}")
+    return F.pad(x, (pad, pad, pad, pad))
 
 
 def random_permutations(
@@ -66,7 +81,7 @@ def permute_pixels(x: Tensor, perm: np.ndarray | Tensor) -> Tensor:
     Returns:
         ``(N, D)``, same dtype as ``x``.
     """
-    flat = x.reshape(x.shape[0], -1)
+    flat = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
     p = torch.as_tensor(perm, dtype=torch.int64)
     if p.shape != (flat.shape[1],):
         raise ValueError(f"permutation has shape {tuple(p.shape)}, expected ({flat.shape[1]},)")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "MASKED_LOGIT"]
+
+#: The constant logit of an inactive output: its softmax probability underflows to exactly 0
+#: (as if the unit were sliced off), it is finite (the Fisher estimator checks the outputs) and
+#: it carries no gradient.
+MASKED_LOGIT = -1e4
 
 
 class MLP(nn.Module):
@@ -22,6 +27,13 @@ class MLP(nn.Module):
         heads: Number of heads.
         dropout: Dropout probability after each hidden layer.
         input_dropout: Dropout probability on the input (the paper's Fig. 2B uses 0.2).
+
+    Attributes:
+        active_outputs: ``None``, or ``bool (outputs,)``: the units outside it get the constant
+            logit :data:`MASKED_LOGIT` (a softmax over the active units only, exactly as if the
+            others were sliced off;
+            Hsu et al.'s class-incremental training over the classes seen so far). The trainer
+            sets it while training and estimating the Fisher and clears it for evaluation.
     """
 
     def __init__(
@@ -49,11 +61,14 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, outputs * heads)
         self.outputs, self.heads = outputs, heads
+        self.active_outputs: Tensor | None = None
 
     def forward(self, x: Tensor, task: int | Tensor | None = None) -> Tensor:
         """Return logits ``(N, outputs)`` for ``x`` of shape ``(N, in_features)``."""
         z = self.head(self.body(x.flatten(1)))
         if self.heads == 1:
+            if self.active_outputs is not None:
+                z = z.masked_fill(~self.active_outputs, MASKED_LOGIT)
             return z
         if task is None:
             raise ValueError("a multi-head network needs the task id: model(x, task)")

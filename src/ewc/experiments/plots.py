@@ -64,12 +64,26 @@ def _title(name: str, method: dict[str, Any]) -> str:
     return name if method["lam"] is None else f"{name} (λ = {method['lam']:g})"
 
 
+def _seed_runs(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the per-seed entries of a several-seed method entry (empty for a single run)."""
+    seeds = m.get("seeds") or {}
+    return list(seeds.values()) if len(seeds) > 1 else []
+
+
+def _band(ax: Any, x: np.ndarray, rows: list[Any], color: Any) -> None:
+    """Shade mean ± std (sample) of ``rows`` around the plotted mean."""
+    a = np.asarray(rows, dtype=np.float64)
+    mean, std = a.mean(axis=0), a.std(axis=0, ddof=1)
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0, clip_on=False)
+
+
 def plot_training_curves(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Fig. 2A: test accuracy of every task over training iterations, one panel per method.
 
     Task ``j`` is drawn from the start of its own training (``curves["task_boundaries"][j]``)
     onward; dashed vertical lines mark the task boundaries. Methods without curves are left
-    out.
+    out. Over several seeds the lines are the means and the bands mean ± std (when every seed
+    was evaluated at the same iterations).
 
     Args:
         results: A results dict (see :mod:`ewc.experiments.results`).
@@ -95,10 +109,18 @@ def plot_training_curves(results: dict[str, Any], path: str | os.PathLike[str]) 
         acc = np.asarray(m["curves"]["accuracy"], dtype=np.float64)
         starts = m["curves"]["task_boundaries"]
         n_tasks = acc.shape[1]
+        seeds = [
+            r["curves"]
+            for r in _seed_runs(m)
+            if r["curves"] is not None and r["curves"]["iteration"] == m["curves"]["iteration"]
+        ]
         for j, color in enumerate(_colors(n_tasks)):
             keep = it >= starts[j]
             label = _task_label(j, n_tasks)
             ax.plot(it[keep], acc[keep, j], color=color, lw=1.2, label=label, clip_on=False)
+            if len(seeds) > 1:
+                rows = [np.asarray(c["accuracy"])[keep, j] for c in seeds]
+                _band(ax, it[keep], rows, color)
         for x in starts[1:]:
             ax.axvline(x, color="0.5", ls="--", lw=0.8)
         ax.set_ylim(0.0, 1.0)
@@ -113,7 +135,8 @@ def plot_average_accuracy(results: dict[str, Any], path: str | os.PathLike[str])
     """Fig. 2B: average accuracy over the tasks seen so far against the number of tasks.
 
     Args:
-        results: A results dict (its ``average_accuracy_curve`` per method is used).
+        results: A results dict (its ``average_accuracy_curve`` per method is used; over
+            several seeds the mean, with a band of mean ± std).
         path: The PNG file to write.
 
     Returns:
@@ -133,6 +156,9 @@ def plot_average_accuracy(results: dict[str, Any], path: str | os.PathLike[str])
         x = np.arange(1, len(curve) + 1)
         n_max = max(n_max, len(curve))
         ax.plot(x, curve, marker="o", ms=4, color=color, label=_title(name, m), clip_on=False)
+        runs = _seed_runs(m)
+        if runs:
+            _band(ax, x, [r["average_accuracy_curve"] for r in runs], color)
     ax.set_xticks(np.arange(1, n_max + 1))
     ax.set_xlim(0.8, n_max + 0.2)
     ax.set_ylim(0.0, 1.0)

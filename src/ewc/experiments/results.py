@@ -221,6 +221,7 @@ def _check_method(m: Any, source: str, where: str, check_summary: bool) -> int:
         raise _fail(source, f"{where}.lam", f"must be a finite number or null, got {m['lam']!r}")
     if m["curves"] is not None:
         _check_curves(m["curves"], source, f"{where}.curves", T)
+    _check_seed_stats(m, source, where, check_summary)
     if check_summary:
         want = summarize(R, base)
         if (m["fwt"] is None) != (base is None):
@@ -238,6 +239,26 @@ def _check_method(m: Any, source: str, where: str, check_summary: bool) -> int:
                     f"is {m[key]!r} but the accuracy matrix gives {want[key]!r}",
                 )
     return T
+
+
+def _check_seed_stats(m: Mapping[str, Any], source: str, where: str, check_summary: bool) -> None:
+    """Check the optional ``mean``, ``std`` and ``seeds`` of a several-seed entry."""
+    for key in ("mean", "std"):
+        if key not in m:
+            continue
+        stats = m[key]
+        if not isinstance(stats, Mapping):
+            raise _fail(source, f"{where}.{key}", "must be an object {metric: number or null}")
+        for name, v in stats.items():
+            if v is not None and not _is_number(v):
+                raise _fail(source, f"{where}.{key}.{name}", f"must be a number or null, got {v!r}")
+    seeds = m.get("seeds")
+    if seeds is None:
+        return
+    if not isinstance(seeds, Mapping) or not seeds:
+        raise _fail(source, f"{where}.seeds", "must be a non-empty object {seed: result}")
+    for s, e in seeds.items():
+        _check_method(e, source, f"{where}.seeds.{s}", check_summary)
 
 
 def _check_overlap(o: Any, source: str, where: str) -> None:
@@ -394,17 +415,27 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def _pct(v: float | None, signed: bool = False) -> str:
+def _pct(v: float | None, signed: bool = False, std: float | None = None) -> str:
     if v is None:
         return "—"
-    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+    text = f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+    return text if std is None else f"{text} ± {100 * std:.1f}"
+
+
+def _stat(m: Mapping[str, Any], key: str, signed: bool = False) -> str:
+    """``m[key]``, or over several seeds its mean ± std."""
+    mean, std = m.get("mean"), m.get("std")
+    if isinstance(mean, Mapping) and key in mean and isinstance(std, Mapping):
+        return _pct(mean[key], signed, std.get(key))
+    return _pct(m[key], signed)
 
 
 def format_table(results: Mapping[str, Any]) -> str:
     """Format the methods' summaries as a plain-text table, one row per method.
 
     Columns: method, λ, final average accuracy, BWT, FWT and forgetting, all in percent (BWT
-    and FWT in signed percentage points); ``—`` marks a missing λ or FWT.
+    and FWT in signed percentage points); ``—`` marks a missing λ or FWT. Over several seeds
+    each cell is ``mean ± std`` (sample standard deviation) and a column gives the seeds.
 
     Args:
         results: The results (only ``"methods"`` is used).
@@ -413,20 +444,24 @@ def format_table(results: Mapping[str, Any]) -> str:
         The table, without a trailing newline.
     """
     _check_methods(results, "results", check_summary=False)
-    header = ("method", "λ", "avg acc %", "BWT %", "FWT %", "forgetting %")
+    header: tuple[str, ...] = ("method", "λ", "avg acc %", "BWT %", "FWT %", "forgetting %")
+    n_seeds = max(len(m.get("seeds") or {}) for m in results["methods"].values())
+    if n_seeds > 1:
+        header += ("seeds",)
     rows = [header]
     for name, m in results["methods"].items():
         lam = "—" if m["lam"] is None else f"{m['lam']:g}"
-        rows.append(
-            (
-                name,
-                lam,
-                _pct(m["average_accuracy"]),
-                _pct(m["bwt"], signed=True),
-                _pct(m["fwt"], signed=True),
-                _pct(m["forgetting"]),
-            )
+        row: tuple[str, ...] = (
+            name,
+            lam,
+            _stat(m, "average_accuracy"),
+            _stat(m, "bwt", signed=True),
+            _stat(m, "fwt", signed=True),
+            _stat(m, "forgetting"),
         )
+        if n_seeds > 1:
+            row += (str(len(m.get("seeds") or {})),)
+        rows.append(row)
     widths = [max(len(r[k]) for r in rows) for k in range(len(header))]
     lines = []
     for r in rows:

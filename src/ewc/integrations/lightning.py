@@ -94,6 +94,7 @@ import torch
 from ..distributed import MappedBatches
 from ..fisher import Fisher
 from ..penalty import EWC
+from ..si import SI
 
 try:
     import lightning.pytorch as pl
@@ -123,9 +124,12 @@ class EWCCallback(pl.Callback):
     consolidates the task at the end of each fit (see the module documentation for the hooks).
 
     Args:
-        ewc: An existing :class:`ewc.EWC` (or :class:`ewc.L2`) object to use, e.g. one built on
-            a submodule. Leave ``None`` to have one created for the ``LightningModule`` at
-            ``setup`` from ``lam`` and ``ewc_kwargs``; the module's ``forward`` must then map a
+        ewc: An existing :class:`ewc.EWC` (or :class:`ewc.L2`, :class:`ewc.MAS`,
+            :class:`ewc.SI`) object to use, e.g. one built on a submodule. An ``SI`` object is
+            attached to the fit's optimizers for its path integral and consolidated without
+            data; ``MAS`` estimates its importances on ``data`` as EWC its Fisher. Leave
+            ``None`` to have one created for the ``LightningModule`` at ``setup`` from ``lam``
+            and ``ewc_kwargs``; the module's ``forward`` must then map a
             batch's inputs to outputs (logits for classification).
         lam: λ of the created :class:`ewc.EWC` (required when ``ewc`` is ``None``).
         data: The data of the Fisher estimate at the end of each fit: ``None`` (default) uses
@@ -189,6 +193,7 @@ class EWCCallback(pl.Callback):
         self._ewc_kwargs = dict(ewc_kwargs)
         self._pending: dict[str, Any] | None = None
         self._trained = False
+        self._si_hooks: list[Any] = []
         self.data = data
         self.batch_to_fisher = batch_to_fisher
         self.auto_consolidate = bool(consolidate)
@@ -276,6 +281,8 @@ class EWCCallback(pl.Callback):
             The Fisher that was added.
         """
         ewc = self.ewc_for(pl_module)
+        if isinstance(ewc, SI):  # its importance was gathered during the fit: no data
+            return ewc.consolidate()
         source = self._fisher_data(trainer, pl_module, data)
         return ewc.consolidate(source, **{**self.fisher_kwargs, **fisher_kwargs})
 
@@ -310,7 +317,15 @@ class EWCCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Note that this fit trains (its loop was not already complete)."""
         self._trained = True
-        self.ewc_for(pl_module)  # states restored after on_fit_start (restore after setup)
+        ewc = self.ewc_for(pl_module)  # states restored after on_fit_start (restore after setup)
+        if isinstance(ewc, SI):  # its path integral: every step of the fit's optimizers
+            names = set(ewc.omega)
+            tracked = {id(p) for n, p in ewc.model.named_parameters() if n in names}
+            self._si_hooks = [
+                ewc.attach(opt)
+                for opt in trainer.optimizers
+                if any(id(p) in tracked for g in opt.param_groups for p in g["params"])
+            ]
 
     def on_before_optimizer_step(
         self,
@@ -339,6 +354,9 @@ class EWCCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Consolidate the task that was just trained, on every rank (see the module doc)."""
+        for hooks in self._si_hooks:
+            hooks.remove()
+        self._si_hooks = []
         if not self.auto_consolidate or trainer.interrupted or trainer.sanity_checking:
             return
         self.consolidate_task(trainer, pl_module)

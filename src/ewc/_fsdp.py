@@ -1,0 +1,435 @@
+r"""FSDP2 models (``torch.distributed.fsdp.fully_shard``): Fisher estimates into DTensor shards.
+
+Under FSDP2 a parameter is a DTensor: each rank holds a shard (dimension 0 split by
+``torch.chunk``) and the forward and backward passes all-gather each unit's full weights just
+before they are used. The estimate keeps that shape:
+
+* every rank runs its own data through the sharded model; the capture hooks and the closed
+  forms of :mod:`ewc._rules` see the **unsharded** weights of the unit being run, as in one
+  process;
+* each batch's per-layer sums ``S_b`` (full layer shapes) are reduce-scattered into the
+  parameters' placements (``Partial → Shard``), so rank ``r`` accumulates only its shard
+  ``Σ_b Σ_r' S_{b,r'}[shard_r]``; parameters outside FSDP units (plain tensors) are summed on each
+  rank and all-reduced at the end, as today;
+* ``F = Σ S / Σ_r N_r``: the Fisher of the union of the shards, the entries DTensors with their
+  parameters' mesh and placements.
+
+**Lockstep.** An FSDP forward or backward pass is a sequence of collectives, so every rank must
+run the same passes in the same order. Each round starts with a status all-reduce
+(:meth:`ewc.distributed.Reduction.agree`); a rank whose shard is exhausted (or empty) repeats a
+batch it already has (or one borrowed from another rank) with its contribution dropped, and a
+batch whose input signature has no verified route yet is probed by **every** rank on that same
+batch (broadcast, no pickling), so the probe's passes and its decisions are the same on all
+ranks. A second status round after the forward pass (bad labels, non-finite outputs) comes
+before any backward pass.
+
+Limits: every selected parameter needs a closed form (the generic per-sample paths re-run the
+model per sample, which FSDP's collectives do not allow); the probe holds one full gradient of
+the selected parameters for its check, and each batch's sums are full layer shapes until they
+are reduce-scattered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+
+from . import distributed as _dist
+from ._options import FisherOptions, acc_dtype
+from ._probe import Router
+from ._route import Route, route_key
+from .fisher import Fisher
+
+__all__ = [
+    "is_sharded",
+    "sharded_names",
+    "local",
+    "like",
+    "shard_like",
+    "total",
+    "AllSum",
+    "estimate",
+    "penalty",
+]
+
+_MAX_PROBE_ROUNDS = 8
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter or a tensor stored like one)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def sharded_names(params: Mapping[str, Tensor]) -> list[str]:
+    """Names of the DTensor entries of ``params``, in order."""
+    return [n for n, p in params.items() if is_sharded(p)]
+
+
+def local(t: Tensor) -> Tensor:
+    """Return this rank's shard of a DTensor (differentiable), any other tensor as it is."""
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def like(shard: Tensor, ref: Tensor) -> Tensor:
+    """Wrap this rank's ``shard`` as a DTensor with ``ref``'s mesh, placements and shape."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        shard,
+        ref.device_mesh,  # type: ignore[attr-defined]
+        ref.placements,  # type: ignore[attr-defined]
+        shape=ref.shape,
+        stride=ref.stride(),
+    )
+
+
+def shard_like(t: Tensor, ref: Tensor) -> Tensor:
+    """Return ``t`` (full or a DTensor) laid out as ``ref``: this rank's shard, or full.
+
+    A full tensor is cut locally (every rank holds it; no communication).
+    """
+    if not is_sharded(ref):
+        return total(t)
+    if is_sharded(t):
+        return t.redistribute(ref.device_mesh, ref.placements)  # type: ignore[attr-defined]
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        t.to(local(ref).device),
+        ref.device_mesh,  # type: ignore[attr-defined]
+        ref.placements,  # type: ignore[attr-defined]
+        src_data_rank=None,
+    )
+
+
+def total(t: Tensor) -> Tensor:
+    """Return the full value of a DTensor (gathered or reduced), any other tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def shard_groups(ref: Tensor) -> list[Any]:
+    """Process groups over which ``ref``'s shards are split (one per ``Shard`` mesh dimension)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = ref.device_mesh  # type: ignore[attr-defined]
+    return [mesh.get_group(d) for d, p in enumerate(ref.placements) if isinstance(p, Shard)]  # type: ignore[attr-defined]
+
+
+class AllSum(torch.autograd.Function):
+    """``Σ_r x_r`` over ``groups`` (a sum of per-shard parts); the gradient passes straight through.
+
+    Each rank's scalar loss is the same total ``Σ_r x_r``, whose derivative in this rank's
+    ``x_r`` is 1: the backward pass is the identity (an all-reduce there would count it ``W``
+    times).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, groups: tuple[Any, ...]) -> Tensor:  # type: ignore[override]
+        out = x.detach().clone()
+        for g in groups:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=g)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+# --- The estimate ----------------------------------------------------------------------------
+def _unsharded(model: nn.Module) -> dict[int, Tensor]:
+    """``id(sharded parameter) -> the unsharded parameter`` FSDP's forward pass uses."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out: dict[int, Tensor] = {}
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        group = m._get_fsdp_state()._fsdp_param_group  # noqa: SLF001 - no public accessor
+        for fp in [] if group is None else group.fsdp_params:
+            try:
+                out[id(fp.sharded_param)] = fp.unsharded_param
+            except (AssertionError, AttributeError, RuntimeError):
+                continue  # not unsharded yet: the probe then sees no gradient and says so
+    return out
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put every FSDP unit's sharded parameters back on its modules.
+
+    (The root keeps its full weights after a forward pass without a backward pass.)
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+class ShardRouter(Router):
+    """A :class:`~ewc._probe.Router` for FSDP2 models (see the module doc)."""
+
+    def checked(self) -> Mapping[str, Tensor]:  # noqa: D102
+        live = _unsharded(self.model)
+        return {n: live.get(id(p), p) for n, p in self.trainable.items()}
+
+    def candidate(self, layout: Any) -> Route:  # noqa: D102
+        _reshard(self.model)
+        route = super().candidate(layout)
+        if route.rest:
+            why = {**route.partition.skipped, **route.excluded}
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3])
+            raise ValueError(
+                "under FSDP every selected parameter needs a closed form (the generic "
+                "per-sample paths re-run the model per sample, which FSDP's collectives do not "
+                f"allow); these have none: {list(route.rest)[:5]}"
+                + (f" ({reasons})" if reasons else "")
+                + "; leave them out with params= (ewc.fisher_route on an unsharded copy shows "
+                "every layer's path)"
+            )
+        return route
+
+
+def _flags(reduction: _dist.Reduction, flag: bool, device: torch.device) -> list[int]:
+    """All-reduce one flag per rank; return every rank's flag."""
+    t = torch.zeros(reduction.world_size, dtype=torch.int64, device=device)
+    t[reduction.rank] = int(flag)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=reduction.group)
+    return [int(v) for v in t.tolist()]
+
+
+def _global_rank(reduction: _dist.Reduction, rank: int) -> int:
+    return rank if reduction.group is None else dist.get_global_rank(reduction.group, rank)
+
+
+def _broadcast(
+    item: tuple[int, Any, Tensor | None, int] | None,
+    src: int,
+    reduction: _dist.Reduction,
+    device: torch.device,
+) -> tuple[int, Any, Tensor | None, int]:
+    """Send rank ``src``'s batch ``(index, inputs, targets, size)`` to every rank.
+
+    A JSON header (structure, dtypes, shapes, non-tensor values) then one broadcast per tensor.
+    """
+    header = torch.zeros(1, dtype=torch.int64, device=device)
+    raw = b""
+    leaves: list[Any] = []
+    if reduction.rank == src:
+        assert item is not None
+        idx, inputs, targets, size = item
+        leaves, spec = tree_flatten((inputs, targets))
+        desc = [
+            {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            if isinstance(t, Tensor)
+            else {"value": t}
+            for t in leaves
+        ]
+        try:
+            raw = json.dumps(
+                {"spec": treespec_dumps(spec), "idx": idx, "size": size, "leaves": desc}
+            ).encode()
+            header[0] = len(raw)
+        except TypeError:
+            header[0] = -1
+    grank = _global_rank(reduction, src)
+    dist.broadcast(header, grank, group=reduction.group)
+    n = int(header[0])
+    if n < 0:
+        raise ValueError(
+            "under FSDP a rank without data borrows another rank's batch, which must hold "
+            "only tensors and JSON values (numbers, strings)"
+        )
+    buf = torch.zeros(n, dtype=torch.uint8, device=device)
+    if reduction.rank == src:
+        buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    dist.broadcast(buf, grank, group=reduction.group)
+    meta = json.loads(bytes(buf.cpu().tolist()).decode())
+    out: list[Any] = []
+    for i, d in enumerate(meta["leaves"]):
+        if "value" in d:
+            out.append(d["value"])
+            continue
+        if reduction.rank == src:
+            t = leaves[i].to(device).contiguous()
+        else:
+            t = torch.empty(d["shape"], dtype=getattr(torch, d["dtype"]), device=device)
+        dist.broadcast(t, grank, group=reduction.group)
+        out.append(t)
+    inputs, targets = tree_unflatten(out, treespec_loads(meta["spec"]))
+    return meta["idx"], inputs, targets, meta["size"]
+
+
+def estimate(
+    model: nn.Module,
+    data: Iterable[Any],
+    opts: FisherOptions,
+    trainable: dict[str, nn.Parameter],
+    limit: int | None,
+    reduction: _dist.Reduction | None,
+) -> Fisher:
+    """Run the lockstep estimate over an FSDP2 model (see the module doc)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    from .estimate import _batches, _factor, accumulate_fast
+
+    if reduction is None:
+        raise ValueError(
+            "the model's parameters are FSDP-sharded (DTensors): every rank of the process "
+            "group must take part in the estimate; do not pass distributed=False"
+        )
+    device = local(next(iter(trainable.values()))).device
+    shards = sharded_names(trainable)
+    acc = {
+        n: torch.zeros(
+            local(trainable[n]).shape, dtype=acc_dtype(trainable[n].dtype), device=device
+        )
+        for n in shards
+    }
+    plain = {
+        n: torch.zeros(p.shape, dtype=acc_dtype(p.dtype), device=p.device)
+        for n, p in trainable.items()
+        if n not in acc
+    }
+    router = ShardRouter(model, trainable, opts)
+    throwaway = opts.replace(generator=None)
+    batches = iter(_batches(data, opts, limit, device))
+    seen, failure = 0, None
+    spare: tuple[int, Any, Tensor | None, int] | None = None  # a batch to repeat, uncounted
+    while True:
+        item = None
+        if failure is None:
+            try:
+                item = next(batches, None)
+            except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
+                failure = e
+        if reduction.agree(failure, active=item is not None, device=device) == 0:
+            break
+        real = item is not None
+        spare = item if real else spare
+        lacking = _flags(reduction, spare is None, device)
+        if any(lacking):  # a rank has read nothing yet: lend it the first reader's batch
+            src = lacking.index(0)
+            lent = _broadcast(spare if reduction.rank == src else None, src, reduction, device)
+            spare = spare if spare is not None else lent
+        assert spare is not None
+        idx, inputs, targets, size = item if real else spare
+        _probe_together(router, reduction, (idx, inputs, targets, size), device)
+        route = z = records = s = None
+        try:
+            route, z, records = router.forward(inputs, size)
+            if real:
+                s = _factor(z, targets, size, idx, opts)
+            else:  # the labels of a repeated batch are drawn apart from the user's generator
+                gen = torch.Generator(device=z.device).manual_seed(0)
+                s = _factor(z, targets, size, idx, throwaway.replace(generator=gen))
+        except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
+            failure = e
+        reduction.agree(failure, device=device)  # before any backward pass
+        assert route is not None and z is not None and records is not None and s is not None
+        sums: dict[str, Tensor] = {}
+        for n, p in trainable.items():
+            if n in acc:
+                sums[n] = torch.zeros(p.shape, dtype=acc[n].dtype, device=device)
+            else:
+                sums[n] = plain[n] if real else torch.zeros_like(plain[n])
+        accumulate_fast(route, records, z, s.to(z.dtype), sums)
+        del records, z
+        for n in shards:  # the batch's full layer sums, reduce-scattered into the shards
+            full = sums.pop(n)
+            if not real:
+                full.zero_()
+            p = trainable[n]
+            mesh = p.device_mesh  # type: ignore[attr-defined]
+            part = DTensor.from_local(full, mesh, [Partial()] * mesh.ndim)
+            acc[n] += part.redistribute(mesh, p.placements).to_local()  # type: ignore[attr-defined]
+            del full, part
+        seen += size if real else 0
+    _reshard(model)
+    seen = reduction.all_reduce(plain, seen)
+    if seen == 0:
+        raise ValueError("data yielded no samples: the Fisher needs at least one data point")
+    out: dict[str, Tensor] = {}
+    for n, p in trainable.items():
+        dtype = opts.dtype or p.dtype
+        out[n] = like((acc[n] / seen).to(dtype), p) if n in acc else (plain[n] / seen).to(dtype)
+    bad = [n for n, v in out.items() if not bool(torch.isfinite(local(v)).all())]
+    if any(_flags(reduction, bool(bad), device)):
+        raise ValueError(
+            "the Fisher has non-finite entries"
+            + (f" ({bad[:3]} on this rank)" if bad else " (on another rank)")
+            + "; check the data and the model's outputs"
+        )
+    return Fisher(out, n_samples=seen, kind=opts.kind)
+
+
+def _probe_together(
+    router: ShardRouter,
+    reduction: _dist.Reduction,
+    item: tuple[int, Any, Tensor | None, int],
+    device: torch.device,
+) -> None:
+    """Probe, on every rank, each rank's batch whose signature has no verified route yet."""
+    _, inputs, _, size = item
+    for _ in range(_MAX_PROBE_ROUNDS):
+        key = route_key(router.layout(inputs, size), inputs, size)
+        needs = _flags(reduction, key not in router.routes, device)
+        if not any(needs):
+            return
+        for src, need in enumerate(needs):
+            if need:
+                _, b_inputs, _, b_size = _broadcast(
+                    item if reduction.rank == src else None, src, reduction, device
+                )
+                router.forward(b_inputs, b_size)  # the same probe, passes and decisions on all
+    raise RuntimeError("the ranks could not agree on the routes of their batches under FSDP")
+
+
+# --- The penalty -----------------------------------------------------------------------------
+def penalty(
+    quadratic: Any,
+    lam: float,
+    offset: float,
+    ps: list[Tensor],
+    precs: list[Tensor],
+    anchors: list[Tensor],
+) -> Tensor:
+    r"""``(λ/2) [Σ_i A_i (θ_i − μ_i)² + c]`` over sharded and plain parameters, on every rank.
+
+    ``quadratic(lam, offset, precs, anchors, *params)`` is the one-process penalty. Each rank
+    applies it to its shards (``to_local()``, so the gradient lands in its gradient shard);
+    :class:`AllSum` adds the parts over each mesh's shard groups; plain parameters (outside
+    FSDP units, the same on every rank) and the constant ``c`` are added once, after the sum.
+    """
+    out: Tensor | None = None
+    by_mesh: dict[int, list[int]] = {}
+    for i, p in enumerate(ps):
+        if is_sharded(p):
+            by_mesh.setdefault(id(p.device_mesh), []).append(i)  # type: ignore[attr-defined]
+    for idx in by_mesh.values():
+        part = quadratic(
+            lam,
+            0.0,
+            [local(precs[i]) for i in idx],
+            [local(anchors[i]) for i in idx],
+            *[local(ps[i]) for i in idx],
+        )
+        part = AllSum.apply(part, tuple(shard_groups(ps[idx[0]])))
+        out = part if out is None else out + part
+    rest = [i for i, p in enumerate(ps) if not is_sharded(p)]
+    assert out is not None
+    if not rest:
+        return out + 0.5 * lam * offset
+    plain = quadratic(
+        lam, offset, [precs[i] for i in rest], [anchors[i] for i in rest], *[ps[i] for i in rest]
+    )
+    return out + plain.to(out.device)
