@@ -127,7 +127,7 @@ def _train_steps(
 
 def _stage(
     name: str, step: int, model: nn.Module, x: Tensor, y: Tensor, seed: int, probes: int
-) -> dict:
+) -> dict[str, Any]:
     data = [(x, y)]
     with torch.no_grad():
         z = model(x)
