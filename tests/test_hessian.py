@@ -343,6 +343,32 @@ class MixesSamples(nn.Module):
         return z - z.mean(0, keepdim=True)
 
 
+class WithTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x, table):
+        return torch.tanh(self.fc(x)) * table.sum(0)[:2]  # table: shared, (4, 3)
+
+
+def test_a_shared_input_whose_leading_dimension_equals_the_batch_size_is_not_refused():
+    torch.manual_seed(0)
+    model = WithTable()
+    x, y, table = torch.randn(4, 3), torch.randint(0, 2, (4,)), torch.randn(4, 3)
+    got = ewc.hessian_diagonal(model, [((x, table), y)])
+
+    class Bound(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = model.fc
+
+        def forward(self, x):
+            return WithTable.forward(self, x, table)
+
+    assert max_err(got, dense_diag(Bound(), x, y, ce)) < 1e-10
+
+
 def test_errors_name_what_to_fix():
     model = nn.Linear(3, 2)
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))

@@ -220,20 +220,30 @@ def _nll(lik: Likelihood, z: Tensor, targets: Tensor) -> Tensor:
 
 
 def _check_independent(model: nn.Module, inputs: Any, size: int, opts: FisherOptions) -> None:
-    """Raise unless the first two samples' outputs alone equal their rows in the batch."""
+    """Raise unless the first two samples' outputs alone equal their rows in the batch.
+
+    An input leaf other than the first whose leading dimension only happens to equal the batch
+    size (a shared table or mask) is tried as shared before the model is refused.
+    """
     if size < 2:
         return
-    layout = Layout.of(inputs, size)
     with torch.no_grad():
         full = _outputs(model, inputs, size, 0, opts)[:2]
-        sub = _outputs(model, layout.take(inputs, 2), 2, 0, opts)
     tol = 1e-10 if full.dtype == torch.float64 else 1e-4
     scale = float(full.abs().max()) + 1.0
-    if not torch.allclose(full, sub, rtol=tol, atol=tol * scale):
-        raise ValueError(
-            "the model's outputs for a sample depend on the other samples of its batch (batch "
-            "statistics or attention across the batch); a per-sample Hessian is not defined"
-        )
+    layout = Layout.of(inputs, size)
+    tries = [layout]
+    if len(layout.ambiguous) > 1:
+        tries.append(layout.with_shared(layout.ambiguous[1:]))
+    for lay in tries:
+        with torch.no_grad():
+            sub = _outputs(model, lay.take(inputs, 2), 2, 0, opts)
+        if sub.shape == full.shape and torch.allclose(full, sub, rtol=tol, atol=tol * scale):
+            return
+    raise ValueError(
+        "the model's outputs for a sample depend on the other samples of its batch (batch "
+        "statistics or attention across the batch); a per-sample Hessian is not defined"
+    )
 
 
 # --- Batched Hessian-vector products ----------------------------------------------------------
