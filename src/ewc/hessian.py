@@ -170,6 +170,9 @@ def _hessian(
         seen += size
     if seen == 0:
         raise ValueError("data yielded no samples: the Hessian needs at least one data point")
+    for n, v in sums.items():
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"the Hessian diagonal of {n!r} is not finite (overflow in the model)")
     return Fisher(
         {n: (v / seen).to(trainable[n].dtype) for n, v in sums.items()},
         n_samples=seen,
