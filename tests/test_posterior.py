@@ -86,6 +86,14 @@ def test_posterior_mean_and_precision_are_the_merged_quadratic():
     assert all(
         torch.allclose(v, torch.full_like(v, 14.0)) for v in l2.posterior().precision.values()
     )
+    model = net()
+    latest = ewc.L2(model, lam=3.0, anchor="latest")
+    for t in range(2):
+        latest.consolidate()
+        perturb(model, 0.3, 20 + t)
+    q_latest = latest.posterior()
+    assert all(torch.equal(v, torch.full_like(v, 3.0)) for v in q_latest.precision.values())
+    assert all(torch.equal(q_latest.mean[n], latest.anchor[n]) for n in latest.anchor)
     _, online = consolidated("online")
     assert all(torch.equal(online.posterior().mean[n], online.anchor[n]) for n in online.anchor)
 

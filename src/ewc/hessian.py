@@ -62,6 +62,12 @@ __all__ = ["hessian_diagonal", "METHODS"]
 
 METHODS = ("exact", "hutchinson")
 _CHUNK = 64  # Hessian-vector products batched into one vmapped backward pass
+_CHUNK_ELEMENTS = 1 << 25  # at most this many probe entries at once (memory)
+
+
+def _chunk(numel: int) -> int:
+    """Products per vmapped pass: ``_CHUNK``, fewer when each probe has many entries."""
+    return max(1, min(_CHUNK, _CHUNK_ELEMENTS // max(1, numel)))
 
 
 def hessian_diagonal(
@@ -145,8 +151,13 @@ def _hessian(
         for n, p in trainable.items()
     }
     linears = _candidate_linears(model, trainable)
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        data = tqdm(data, desc=f"Hessian ({method})", unit="batch")
     seen = 0
-    for idx, inputs, targets, size in _batches(data, opts, opts.n_samples, device):
+    quiet = opts.replace(progress=False)  # the bar above, with the right name
+    for idx, inputs, targets, size in _batches(data, quiet, opts.n_samples, device):
         assert targets is not None
         if seen == 0:
             _check_independent(model, inputs, size, opts)
@@ -159,6 +170,9 @@ def _hessian(
         seen += size
     if seen == 0:
         raise ValueError("data yielded no samples: the Hessian needs at least one data point")
+    for n, v in sums.items():
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"the Hessian diagonal of {n!r} is not finite (overflow in the model)")
     return Fisher(
         {n: (v / seen).to(trainable[n].dtype) for n, v in sums.items()},
         n_samples=seen,
@@ -209,20 +223,30 @@ def _nll(lik: Likelihood, z: Tensor, targets: Tensor) -> Tensor:
 
 
 def _check_independent(model: nn.Module, inputs: Any, size: int, opts: FisherOptions) -> None:
-    """Raise unless the first two samples' outputs alone equal their rows in the batch."""
+    """Raise unless the first two samples' outputs alone equal their rows in the batch.
+
+    An input leaf other than the first whose leading dimension only happens to equal the batch
+    size (a shared table or mask) is tried as shared before the model is refused.
+    """
     if size < 2:
         return
-    layout = Layout.of(inputs, size)
     with torch.no_grad():
         full = _outputs(model, inputs, size, 0, opts)[:2]
-        sub = _outputs(model, layout.take(inputs, 2), 2, 0, opts)
     tol = 1e-10 if full.dtype == torch.float64 else 1e-4
     scale = float(full.abs().max()) + 1.0
-    if not torch.allclose(full, sub, rtol=tol, atol=tol * scale):
-        raise ValueError(
-            "the model's outputs for a sample depend on the other samples of its batch (batch "
-            "statistics or attention across the batch); a per-sample Hessian is not defined"
-        )
+    layout = Layout.of(inputs, size)
+    tries = [layout]
+    if len(layout.ambiguous) > 1:
+        tries.append(layout.with_shared(layout.ambiguous[1:]))
+    for lay in tries:
+        with torch.no_grad():
+            sub = _outputs(model, lay.take(inputs, 2), 2, 0, opts)
+        if sub.shape == full.shape and torch.allclose(full, sub, rtol=tol, atol=tol * scale):
+            return
+    raise ValueError(
+        "the model's outputs for a sample depend on the other samples of its batch (batch "
+        "statistics or attention across the batch); a per-sample Hessian is not defined"
+    )
 
 
 # --- Batched Hessian-vector products ----------------------------------------------------------
@@ -265,8 +289,9 @@ def _diag_by_entries(g: Tensor, p: Tensor) -> Tensor:
     """Exact ``diag(∂g/∂p)`` for ``g = ∂L/∂p``: one Hessian-vector product per entry of ``p``."""
     d = p.numel()
     diag = torch.empty(d, dtype=p.dtype, device=p.device)
-    for start in range(0, d, _CHUNK):
-        idx = torch.arange(start, min(start + _CHUNK, d), device=p.device)
+    step = _chunk(d)
+    for start in range(0, d, step):
+        idx = torch.arange(start, min(start + step, d), device=p.device)
         vs = torch.zeros(len(idx), d, dtype=p.dtype, device=p.device)
         vs[torch.arange(len(idx)), idx] = 1.0
         hv = _hvps(g, p, vs.reshape(len(idx), *p.shape)).reshape(len(idx), d)
@@ -282,8 +307,9 @@ def _diag_of_output(g: Tensor, a: Tensor) -> Tensor:
     """
     n, width = a.shape
     diag = torch.empty(n, width, dtype=a.dtype, device=a.device)
-    for start in range(0, width, _CHUNK):
-        cols = torch.arange(start, min(start + _CHUNK, width), device=a.device)
+    step = _chunk(a.numel())
+    for start in range(0, width, step):
+        cols = torch.arange(start, min(start + step, width), device=a.device)
         vs = torch.zeros(len(cols), n, width, dtype=a.dtype, device=a.device)
         vs[torch.arange(len(cols)), :, cols] = 1.0
         hv = _hvps(g, a, vs)  # (k, N, out)
@@ -443,8 +469,9 @@ def _hutchinson_batch(
     if not live:
         return acc
     gs, xs = [grads[i] for i in live], [ps[i] for i in live]
-    for start in range(0, n_probes, _CHUNK):
-        k = min(_CHUNK, n_probes - start)
+    step = _chunk(sum(p.numel() for p in xs))
+    for start in range(0, n_probes, step):
+        k = min(step, n_probes - start)
         # probe-major draws, so the estimate does not depend on the chunk size
         draws = [[_rademacher(p, opts.generator) for p in xs] for _ in range(k)]
         vs = [torch.stack([d[j] for d in draws]) for j in range(len(xs))]

@@ -487,9 +487,10 @@ class EWC:
     def posterior(self, prior_precision: float = 0.0) -> DiagonalGaussian:
         """Return the Gaussian ``N(μ, diag(λ A + prior_precision)⁻¹)`` this penalty is the log of.
 
-        ``μ`` is the merged anchor and ``A`` the merged precision (any mode; ``A = num_tasks``
-        for :class:`L2`). With the per-sample-mean Fisher, ``λ = N`` is the Laplace posterior of
-        ``N`` data points. See :mod:`ewc.posterior`.
+        ``μ`` is the merged anchor and ``A`` the merged precision (any mode; for :class:`L2`,
+        ``A`` counts the pulls: the number of tasks, or 1 with ``anchor="latest"``). With the
+        per-sample-mean Fisher, ``λ = N`` is the Laplace posterior of ``N`` data points. See
+        :mod:`ewc.posterior`.
         """
         from .posterior import laplace_posterior
 

@@ -53,7 +53,9 @@ def add_parser(sub: Any) -> None:
     )
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument(
-        "--source", choices=["mnist5k", "mnist", "fashion-mnist", "kmnist"], default="mnist5k"
+        "--source",
+        choices=["mnist5k", "mnist", "fashion-mnist", "kmnist"],
+        help="mnist5k (embedded, the default) or a dataset read from --data-dir (default mnist)",
     )
     c.add_argument("--data-dir", help="directory with the standard IDX files of --source")
     c.add_argument(
@@ -125,7 +127,7 @@ def _train_steps(
 
 def _stage(
     name: str, step: int, model: nn.Module, x: Tensor, y: Tensor, seed: int, probes: int
-) -> dict:
+) -> dict[str, Any]:
     data = [(x, y)]
     with torch.no_grad():
         z = model(x)
@@ -175,7 +177,8 @@ def run_curvature(args: argparse.Namespace) -> str:
         raise ValueError(
             "--samples must be >= 2, --batch-size >= 1, --epochs >= 0 and --probes >= 1"
         )
-    base = load_source(args.source, args.data_dir, seed=args.seed)
+    source = args.source or ("mnist" if args.data_dir else "mnist5k")
+    base = load_source(source, args.data_dir, seed=args.seed)
     x = torch.as_tensor(base.x_train, dtype=torch.float32).reshape(len(base.y_train), -1) / 255.0
     y = torch.as_tensor(base.y_train, dtype=torch.int64)
     n = min(args.samples, len(y))
@@ -193,7 +196,7 @@ def run_curvature(args: argparse.Namespace) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     result = {
         "config": {
-            "source": args.source,
+            "source": source,
             "hidden": list(args.hidden),
             "activation": args.activation,
             "epochs": args.epochs,
