@@ -221,8 +221,15 @@ def _verified(router: Router, route: Route, layers: Layers, inputs: Any, size: i
     layer's per-sample gradient (its closed form's or its module-local VJP's) and the generic
     path's for every other parameter must match autograd's for a random cotangent in one sample
     (their squares, so their absolute values). A layer that fails takes the generic path; a
-    failing ``vmap`` path is replaced by the per-sample loop.
+    failing ``vmap`` path is replaced by the per-sample loop. A split that is the Fisher
+    route's own (every layer under the rule the route verified, the same generic parameters)
+    was checked by the route's probe and is not checked again.
     """
+    first = _derive(route, layers, router.trainable)
+    part = first.partition
+    same = all(part.rules[n] is route.partition.rules[n] for n in part.fast)
+    if first.rest == route.rest and same:
+        return first if first.verified else _with(first, verified=route.verified)  # as checked
     m = min(size, PROBE_SIZE)
     keep = dict(layers)
     generic = route.generic
