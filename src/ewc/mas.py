@@ -137,7 +137,7 @@ def _estimate(
         for n, p in trainable.items()
     }
     router = Router(model, trainable, opts)
-    checked: dict[tuple[Route, tuple[str, ...]], Route] = {}
+    checked: dict[tuple[Route, Layers], Route] = {}
     seen = 0
     for idx, inputs, _, size in _batches(data, opts, limit, device):
         route, z, records = router.forward(inputs, size)
