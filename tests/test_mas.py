@@ -391,3 +391,13 @@ def test_dict_inputs_and_output_fn():
     )
     want = naive_mas(model.body, [((x,), (True,))])
     assert rel_err({k[len("body.") :]: v for k, v in got.items()}, {k: 4 * v for k, v in want.items()}) < 1e-12
+
+
+def test_mas_route_shows_each_layers_path():
+    cnn = CNN().double()
+    route = ewc.mas_route(cnn, torch.randn(3, 2, 6, 6))
+    assert route.partition.rules["fc"].name == "linear" and route.rest == ()
+    assert {route.partition.rules[n].name for n in ("c1", "c2", "bn")} == {"module-local VJP"}
+    assert "MAS" in route.verified and cnn.training
+    tied = ewc.mas_route(build("tied-module"), batches_for("tied-module", (T,))[0][0])
+    assert "wte.weight" in tied.rest and "tied" in str(tied)

@@ -7,7 +7,7 @@ penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
 from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
-from .mas import MAS, mas_importance
+from .mas import MAS, mas_importance, mas_route
 from .penalty import EWC, L2
 from .si import SI
 
@@ -28,6 +28,7 @@ __all__ = [
     "L2",
     # other regularisers in EWC's interface
     "mas_importance",
+    "mas_route",
     "MAS",
     "SI",
 ]

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from . import _rules
 from . import distributed as _dist
+from ._batches import batch_size, to_device
 from ._capture import Record
 from ._options import FisherOptions, OutputFn, acc_dtype
 from ._probe import PROBE_SIZE, Router
@@ -51,7 +52,7 @@ from .estimate import _batches
 from .fisher import Fisher
 from .penalty import EWC
 
-__all__ = ["mas_importance", "MAS"]
+__all__ = ["mas_importance", "mas_route", "MAS"]
 
 KIND = "mas"
 _TIED = "its weight is tied to another layer: |L_n + E_n| does not split into the layers' terms"
@@ -166,6 +167,35 @@ def _estimate(
     )
     out.validate()
     return out
+
+
+def mas_route(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    params: ParamSelector = None,
+    output_fn: OutputFn | None = None,
+) -> Route:
+    """Show which path each layer takes in :func:`mas_importance` for inputs like ``inputs``.
+
+    As :func:`ewc.fisher_route`: one batch of model inputs, nothing accumulated; ``print`` the
+    verified route for one line per layer (``linear``: the closed form ``|g|ᵀ|a|``;
+    ``module-local VJP``; or the generic path and why).
+    """
+    model = _dist.unwrap(model)
+    opts = FisherOptions(params=params, output_fn=output_fn)
+    trainable = select_params(model, params)
+    inputs = to_device(inputs, next(iter(trainable.values())).device)
+    size = batch_size(inputs)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        router = Router(model, trainable, opts)
+        route, _, records = router.forward(inputs, size)
+        return _verified(router, route, _layer_paths(route, records), inputs, size)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _check_outputs(z: Tensor, size: int, idx: int) -> None:
