@@ -372,3 +372,32 @@ def test_distributed_shards_give_the_importance_of_their_union(tmp_path):
         res = load_file(str(tmp_path / f"rank{r}.safetensors"))
         assert int(res["n"]) == 12
         assert rel_err({k[4:]: v for k, v in res.items() if k.startswith("imp/")}, want) < 1e-12
+
+
+def test_dict_inputs_and_output_fn():
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _mlp()
+
+        def forward(self, pixels, scale):
+            return {"logits": self.body(pixels) * scale}
+
+    torch.manual_seed(0)
+    model = Wrapped().double()
+    x = torch.randn(5, 4)
+    got = ewc.mas_importance(
+        model, [({"pixels": x, "scale": 2.0}, None)], output_fn=lambda out: out["logits"]
+    )
+    want = naive_mas(model.body, [((x,), (True,))])
+    assert rel_err({k[len("body.") :]: v for k, v in got.items()}, {k: 4 * v for k, v in want.items()}) < 1e-12
+
+
+def test_mas_route_shows_each_layers_path():
+    cnn = CNN().double()
+    route = ewc.mas_route(cnn, torch.randn(3, 2, 6, 6))
+    assert route.partition.rules["fc"].name == "linear" and route.rest == ()
+    assert {route.partition.rules[n].name for n in ("c1", "c2", "bn")} == {"module-local VJP"}
+    assert "MAS" in route.verified and cnn.training
+    tied = ewc.mas_route(build("tied-module"), batches_for("tied-module", (T,))[0][0])
+    assert "wte.weight" in tied.rest and "tied" in str(tied)

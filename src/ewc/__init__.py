@@ -10,7 +10,7 @@ from .hessian import hessian_diagonal
 from .kfac import KFAC, KronBlock, fisher_kfac
 from .kfac_penalty import KFACEWC
 from .likelihoods import Categorical, CustomNLL, Gaussian, Likelihood
-from .mas import MAS, mas_importance
+from .mas import MAS, mas_importance, mas_route
 from .penalty import EWC, L2
 from .posterior import DiagonalGaussian, predictive
 from .si import SI
@@ -36,6 +36,7 @@ __all__ = [
     "hessian_diagonal",
     # other regularisers in EWC's interface
     "mas_importance",
+    "mas_route",
     "MAS",
     "SI",
     # Kronecker-factored curvature (KFAC)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from . import _rules
 from . import distributed as _dist
+from ._batches import batch_size, to_device
 from ._capture import Record
 from ._options import FisherOptions, OutputFn, acc_dtype
 from ._probe import PROBE_SIZE, Router
@@ -51,7 +52,7 @@ from .estimate import _batches
 from .fisher import Fisher
 from .penalty import EWC
 
-__all__ = ["mas_importance", "MAS"]
+__all__ = ["mas_importance", "mas_route", "MAS"]
 
 KIND = "mas"
 _TIED = "its weight is tied to another layer: |L_n + E_n| does not split into the layers' terms"
@@ -137,7 +138,7 @@ def _estimate(
         for n, p in trainable.items()
     }
     router = Router(model, trainable, opts)
-    checked: dict[tuple[Route, tuple[str, ...]], Route] = {}
+    checked: dict[tuple[Route, Layers], Route] = {}
     seen = 0
     for idx, inputs, _, size in _batches(data, opts, limit, device):
         route, z, records = router.forward(inputs, size)
@@ -166,6 +167,35 @@ def _estimate(
     )
     out.validate()
     return out
+
+
+def mas_route(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    params: ParamSelector = None,
+    output_fn: OutputFn | None = None,
+) -> Route:
+    """Show which path each layer takes in :func:`mas_importance` for inputs like ``inputs``.
+
+    As :func:`ewc.fisher_route`: one batch of model inputs, nothing accumulated; ``print`` the
+    verified route for one line per layer (``linear``: the closed form ``|g|ᵀ|a|``;
+    ``module-local VJP``; or the generic path and why).
+    """
+    model = _dist.unwrap(model)
+    opts = FisherOptions(params=params, output_fn=output_fn)
+    trainable = select_params(model, params)
+    inputs = to_device(inputs, next(iter(trainable.values())).device)
+    size = batch_size(inputs)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        router = Router(model, trainable, opts)
+        route, _, records = router.forward(inputs, size)
+        return _verified(router, route, _layer_paths(route, records), inputs, size)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _check_outputs(z: Tensor, size: int, idx: int) -> None:
@@ -221,8 +251,15 @@ def _verified(router: Router, route: Route, layers: Layers, inputs: Any, size: i
     layer's per-sample gradient (its closed form's or its module-local VJP's) and the generic
     path's for every other parameter must match autograd's for a random cotangent in one sample
     (their squares, so their absolute values). A layer that fails takes the generic path; a
-    failing ``vmap`` path is replaced by the per-sample loop.
+    failing ``vmap`` path is replaced by the per-sample loop. A split that is the Fisher
+    route's own (every layer under the rule the route verified, the same generic parameters)
+    was checked by the route's probe and is not checked again.
     """
+    first = _derive(route, layers, router.trainable)
+    part = first.partition
+    same = all(part.rules[n] is route.partition.rules[n] for n in part.fast)
+    if first.rest == route.rest and same:
+        return first if first.verified else _with(first, verified=route.verified)  # as checked
     m = min(size, PROBE_SIZE)
     keep = dict(layers)
     generic = route.generic

@@ -249,11 +249,10 @@ class SI(EWC):
             for n in self.precision
         }
         super().add_penalty_grad(params, scale=scale)
-        for n, old in before.items():
+        for n, old in before.items():  # what was added (zero for parameters not in params)
             new = tracked[n].grad
-            if new is None or new is old:
-                continue
-            self._record(n, new if old is None else new - old)
+            if new is not None:
+                self._record(n, new if old is None else new - old)
 
     # --- Consolidating ------------------------------------------------------------------
     def importance(self) -> Fisher:
