@@ -70,11 +70,27 @@ _WRAPPERS: tuple[type[nn.Module], ...] = (
 def unwrap(model: nn.Module) -> nn.Module:
     """Return the module inside (possibly nested) ``DistributedDataParallel``/``DataParallel``.
 
-    Any other module is returned unchanged.
+    Any other module is returned unchanged; one holding FSDP1 (``FullyShardedDataParallel``)
+    modules is refused (``ValueError``).
     """
     while isinstance(model, _WRAPPERS):
         model = model.module
+    _refuse_flat(model)
     return model
+
+
+def _refuse_flat(model: nn.Module) -> None:
+    """Refuse FSDP1 (``FullyShardedDataParallel``): its flat parameters hide the layers'."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a build without torch.distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat parameters "
+            "hide the layers' own; shard it with torch.distributed.fsdp.fully_shard (FSDP2: "
+            "DTensor parameters, which ewc supports) instead"
+        )
 
 
 _MESSAGE_BYTES = 400  # of each failing rank's error, sent as UTF-8 in a uint8 tensor
