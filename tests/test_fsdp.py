@@ -385,3 +385,15 @@ def test_sharded_layout_without_fsdp_round_trips_and_checks_its_files(tmp_path):
     (tmp_path / "state" / files[0]).write_bytes(b"junk")
     with pytest.raises(ValueError, match="unreadable"):
         ewc.EWC.load(str(tmp_path / "state"), _mlp())
+
+
+def test_fsdp1_is_refused_with_a_pointer_to_fully_shard(monkeypatch):
+    class Flat(nn.Module):  # stands in for FullyShardedDataParallel (it needs a process group)
+        pass
+
+    monkeypatch.setattr(fsdp, "FullyShardedDataParallel", Flat)
+    model = nn.Sequential(Flat(), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="fully_shard"):
+        ewc.fisher_diagonal(model, [torch.randn(3, 2)])
+    with pytest.raises(ValueError, match="FSDP1"):
+        ewc.EWC(model, lam=1.0)

@@ -282,11 +282,14 @@ def estimate(
 
     from .estimate import _batches, _factor, accumulate_fast
 
-    if reduction is None:
-        raise ValueError(
-            "the model's parameters are FSDP-sharded (DTensors): every rank of the process "
-            "group must take part in the estimate; do not pass distributed=False"
-        )
+    if reduction is None:  # distributed=False, or a group of one rank
+        if opts.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "the model's parameters are FSDP-sharded (DTensors): every rank of the process "
+                "group must take part in the estimate; do not pass distributed=False"
+            )
+        group = opts.group
+        reduction = _dist.Reduction(group, dist.get_rank(group), dist.get_world_size(group))
     device = local(next(iter(trainable.values()))).device
     shards = sharded_names(trainable)
     acc = {

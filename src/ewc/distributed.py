@@ -70,11 +70,27 @@ _WRAPPERS: tuple[type[nn.Module], ...] = (
 def unwrap(model: nn.Module) -> nn.Module:
     """Return the module inside (possibly nested) ``DistributedDataParallel``/``DataParallel``.
 
-    Any other module is returned unchanged.
+    Any other module is returned unchanged; one holding FSDP1 (``FullyShardedDataParallel``)
+    modules is refused (``ValueError``).
     """
     while isinstance(model, _WRAPPERS):
         model = model.module
+    _refuse_flat(model)
     return model
+
+
+def _refuse_flat(model: nn.Module) -> None:
+    """Refuse FSDP1 (``FullyShardedDataParallel``): its flat parameters hide the layers'."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a build without torch.distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat parameters "
+            "hide the layers' own; shard it with torch.distributed.fsdp.fully_shard (FSDP2: "
+            "DTensor parameters, which ewc supports) instead"
+        )
 
 
 _MESSAGE_BYTES = 400  # of each failing rank's error, sent as UTF-8 in a uint8 tensor
@@ -127,7 +143,7 @@ class Reduction:
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for t in sums.values():
             buckets[(t.device, t.dtype)].append(t)
-        device = next(iter(sums.values())).device if sums else torch.device("cpu")
+        device = next(iter(sums.values())).device if sums else _collective_device(self.group)
         total = torch.tensor([count], dtype=torch.int64, device=device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
         for tensors in buckets.values():
@@ -155,7 +171,7 @@ class Reduction:
             RankFailure: on every rank, if any rank passed a ``failure`` (on that rank chained
                 to its own exception).
         """
-        device = device or torch.device("cpu")
+        device = device or _collective_device(self.group)
         status = torch.zeros(self.world_size + 1, dtype=torch.int64, device=device)
         status[0] = int(active)
         status[1 + self.rank] = int(failure is not None)
@@ -171,6 +187,13 @@ class Reduction:
         ranks = [r for r, f in enumerate(flags) if f]
         causes = [bytes(text[r].tolist()).rstrip(b"\0").decode("utf-8", "ignore") for r in ranks]
         raise RankFailure(ranks, causes, self.world_size) from failure
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Return a device the group's backend reduces on: the current CUDA device for NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def run_steps(

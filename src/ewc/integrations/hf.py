@@ -36,8 +36,12 @@ compares the loss the Trainer reports with the one :meth:`compute_loss` returned
 Trainer scaled it otherwise than predicted, it corrects the step's gradient, warns once and uses
 the observed behaviour from then on.
 
-Not supported: parameters sharded by DeepSpeed ZeRO-3 or FSDP (the penalty needs each
-parameter whole), and ``model_init`` (the EWC object must hold the Trainer's model).
+FSDP2 (``fsdp_config={"version": 2, ...}``: accelerate applies ``fully_shard``, the parameters
+become DTensors) goes through the same code as any FSDP2 model: :meth:`EWCTrainer.consolidate`
+estimates into DTensor shards and the penalty is the global sum on every rank (see
+:mod:`ewc._fsdp`). accelerate applies FSDP only on GPUs, so this path is tested with FSDP2 on
+CPU processes outside the Trainer, not inside it. Not supported: DeepSpeed ZeRO-3 and FSDP1
+(flat parameters), and ``model_init`` (the EWC object must hold the Trainer's model).
 
 Note on some models (not on EWC): a model whose ``forward`` takes ``**kwargs`` counts as
 accepting ``num_items_in_batch`` even if its loss ignores it (in 5.24.0, e.g.

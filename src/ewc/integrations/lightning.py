@@ -79,8 +79,12 @@ moves nothing.
 Supported strategies: single device and DDP (``"ddp"``). Under ``"ddp_spawn"``/``"ddp_fork"``
 everything above holds inside the worker processes, but Lightning brings only the model's
 weights back to the launching process, not the callback's state, so the next ``fit`` would start
-without the consolidated tasks (the callback warns). Sharded strategies (FSDP, DeepSpeed, model
-parallel) flatten or shard the parameters that EWC keys by name and are refused in ``setup``.
+without the consolidated tasks (the callback warns). ``ModelParallelStrategy`` (FSDP2: the
+module's ``configure_model`` applies ``fully_shard``) is supported: the Fisher, precision and
+anchors are DTensor shards like the parameters (see :mod:`ewc._fsdp`), and the checkpointed state
+holds full tensors (gathered on every rank, one at a time) that any world size loads back.
+``FSDPStrategy`` (FSDP1's flat parameters) and DeepSpeed flatten the parameters that EWC keys by
+name and are refused in ``setup``.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ from typing import Any
 
 import torch
 
+from .. import _fsdp
 from ..distributed import MappedBatches
 from ..fisher import Fisher
 from ..penalty import EWC
@@ -111,7 +116,7 @@ __all__ = ["EWCCallback"]
 
 FisherData = Iterable[Any] | Callable[[pl.Trainer, pl.LightningModule], Iterable[Any]]
 
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy")  # flat parameters; FSDP2 is supported
 _STATE_FORMAT = "ewc.lightning"
 _STATE_VERSION = 1
 
@@ -292,8 +297,9 @@ class EWCCallback(pl.Callback):
         sharded = [c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in _SHARDED]
         if sharded:
             raise NotImplementedError(
-                f"EWCCallback does not support the {sharded[0]}: it shards or flattens the "
-                "parameters that EWC keys by name; use a single device or DDP"
+                f"EWCCallback does not support the {sharded[0]}: it flattens the parameters "
+                "that EWC keys by name; use ModelParallelStrategy with fully_shard (FSDP2) in "
+                "configure_model, DDP or a single device"
             )
         launcher = getattr(trainer.strategy, "launcher", None)
         spawned = type(launcher).__name__ == "_MultiProcessingLauncher"
@@ -382,6 +388,8 @@ class EWCCallback(pl.Callback):
             state = self._pending
         elif self._ewc is not None:
             state = self._ewc.state_dict()
+            tensors = state["tensors"]  # FSDP2 shards: full tensors, loadable at any world size
+            state["tensors"] = {k: _fsdp.total(t) for k, t in tensors.items()}
         else:
             return {}
         return {"format": _STATE_FORMAT, "version": _STATE_VERSION, "ewc": state}
