@@ -54,9 +54,10 @@ class KFACEWC(EWC):
             :class:`ewc.EWC`; λ multiplies the same per-sample-mean curvature.
         merge: ``"exact"`` (every task's factors; memory grows with the tasks) or
             ``"eigenbasis"`` (constant memory, the approximation of :mod:`ewc.kfac_penalty`).
-        rank: With ``merge="eigenbasis"``: keep only the ``rank`` leading eigenvectors of each
-            factor sum (``None``: all). Drops the directions of least curvature; the step cost
-            falls from ``2·O·I'·(O + I')`` to about ``2·O·I'·rank`` multiply-adds per layer.
+        rank: Keep only the ``rank`` leading eigenvectors of each factor (``None``: all): of
+            each task's ``A_t`` and ``G_t`` for ``merge="exact"``, of the factor sums for
+            ``"eigenbasis"``. Drops the directions of least curvature; the step cost per layer
+            and term falls from about ``O·I'·(O + I')`` to ``2·O·I'·rank`` multiply-adds.
         fisher_dtype: Storage dtype of the factors and of the diagonal precision.
 
     Attributes:
@@ -81,8 +82,6 @@ class KFACEWC(EWC):
         super().__init__(model, lam, **kwargs)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
-        if rank is not None and merge != "eigenbasis":
-            raise ValueError("rank= truncates the eigenbasis merge: pass merge='eigenbasis'")
         self.merge = merge
         self.rank = rank
         self.layers: dict[str, tuple[str, str | None, tuple[int, ...]]] = {}
@@ -161,12 +160,25 @@ class KFACEWC(EWC):
         self, name: str, a: Tensor, g: Tensor, anchor: Tensor, decay: float, store: torch.dtype
     ) -> None:
         old = self.kron.get(name)
-        new = {"A": a[None].to(store), "G": g[None].to(store), "anchor": anchor[None].clone()}
+        if self.rank is None:
+            new = {"A": a[None].to(store), "G": g[None].to(store)}
+            scaled = "G"
+        else:  # the term's own leading eigenpairs: A ⊗ G ≈ (U_A ⊗ U_G) diag(s) (U_A ⊗ U_G)ᵀ
+            ea, ua = _top_eigenpairs(a.double(), self.rank)
+            eg, ug = _top_eigenpairs(g.double(), self.rank)
+            new = {
+                "Q_A": ua[None].to(store),
+                "Q_G": ug[None].to(store),
+                "S": torch.outer(eg, ea)[None].to(store),
+            }
+            scaled = "S"
+        new["anchor"] = anchor[None].clone()
         if old is None:
             self.kron[name] = new
             return
         if self.mode == "online":  # H ← γ H + H_new, every term anchored at the latest optimum
-            old = {**old, "G": old["G"] * decay, "anchor": anchor.expand_as(old["anchor"]).clone()}
+            old = {**old, scaled: old[scaled] * decay}
+            old["anchor"] = anchor.expand_as(old["anchor"]).clone()
         self.kron[name] = {k: torch.cat([old[k], new[k]]) for k in new}
 
     def _add_eigen(
@@ -223,11 +235,17 @@ class KFACEWC(EWC):
         ``R = Q_Gᵀ (W̃ − μ) Q_A``.
         """
         st = self._kron_state(name, wt.device)
-        if self.merge == "exact":
+        if self.merge == "exact" and "A" in st:
             a, g = st["A"].to(wt.dtype), st["G"].to(wt.dtype)
             d = wt.unsqueeze(0) - st["anchor"]  # (T, O, I')
             gda = torch.bmm(torch.bmm(g, d), a)
             return (gda * d).sum(), gda.sum(0)
+        if self.merge == "exact":  # per-task truncated eigenpairs, batched over the tasks
+            qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
+            d = wt.unsqueeze(0) - st["anchor"]
+            rot = torch.bmm(torch.bmm(qg.transpose(1, 2), d), qa)  # (T, r_G, r_A)
+            srot = s * rot
+            return (srot * rot).sum(), torch.bmm(torch.bmm(qg, srot), qa.transpose(1, 2)).sum(0)
         qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
         rot = qg.T @ (wt - st["mean"]) @ qa
         srot = s * rot
@@ -346,6 +364,7 @@ class KFACEWC(EWC):
 
 # --- Validating a saved state -----------------------------------------------------------------
 _EXACT = ("A", "G", "anchor")
+_EXACT_LOW = ("Q_A", "Q_G", "S", "anchor")
 _EIGEN = ("Q_A", "Q_G", "S", "mean", "sum_A", "sum_G")
 
 
@@ -379,7 +398,7 @@ def parse_kron(state: Mapping[str, Any], ewc: KFACEWC) -> tuple[Any, ...]:
     value = float(offset)
     if not (value >= 0 and value < float("inf")) or (meta.get("mode") == "online" and value):
         raise ValueError(f"the state's kron_offset is {value!r}: the file is corrupt")
-    fields = _EXACT if merge == "exact" else _EIGEN
+    fields = (_EXACT if rank is None else _EXACT_LOW) if merge == "exact" else _EIGEN
     kron: dict[str, dict[str, Tensor]] = {}
     rest: dict[str, Tensor] = {}
     for key, t in tensors.items():
@@ -401,11 +420,12 @@ def parse_kron(state: Mapping[str, Any], ewc: KFACEWC) -> tuple[Any, ...]:
             raise ValueError(f"the state lacks {missing} of layer {layer!r}")
         w, b, shape = layers[layer]
         o, i = shape[0], int(torch.Size(shape[1:]).numel()) + (b is not None)
-        lead = (st["A"].shape[0],) if merge == "exact" and st["A"].dim() == 3 else ()
+        first = st[fields[0]]
+        lead = (first.shape[0],) if merge == "exact" and first.dim() == 3 else ()
         ka, kg = (i, o) if rank is None else (min(rank, i), min(rank, o))
         want = {
             "A": (*lead, i, i), "G": (*lead, o, o), "anchor": (*lead, o, i),
-            "Q_A": (i, ka), "Q_G": (o, kg), "S": (kg, ka), "mean": (o, i),
+            "Q_A": (*lead, i, ka), "Q_G": (*lead, o, kg), "S": (*lead, kg, ka), "mean": (o, i),
             "sum_A": (i, i), "sum_G": (o, o),
         }  # fmt: skip
         for f in fields:
@@ -454,8 +474,14 @@ def _check_layers(raw: Any, ewc: KFACEWC) -> dict[str, tuple[str, str | None, tu
 
 def _top_eigenvectors(m: Tensor, rank: int | None) -> Tensor:
     """Eigenvectors of the symmetric ``m``, by decreasing eigenvalue, the first ``rank``."""
-    vecs = torch.linalg.eigh(m).eigenvectors.flip(-1)
-    return vecs if rank is None else vecs[:, :rank]
+    return _top_eigenpairs(m, rank)[1]
+
+
+def _top_eigenpairs(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
+    """Return ``(eigenvalues ≥ 0, eigenvectors)`` of ``m``, decreasing, the first ``rank``."""
+    vals, vecs = torch.linalg.eigh(m)
+    vals, vecs = vals.flip(-1).clamp_min(0), vecs.flip(-1)
+    return (vals, vecs) if rank is None else (vals[:rank], vecs[:, :rank])
 
 
 class _Precomputed(torch.autograd.Function):
