@@ -14,7 +14,9 @@ penalty of :class:`ewc.EWC` (its merged exact quadratic). A sum of Kronecker pro
 Kronecker product, so there are two ways to keep several tasks (``merge=``):
 
 * ``"exact"``: every task's ``(A_t, G_t, W̃*_t)``; memory and step cost grow with the tasks
-  (one batched pair of matmuls per layer covers all of them).
+  (one batched pair of matmuls per layer covers all of them). With ``rank=r`` each task keeps
+  its own ``r`` leading eigenpairs of ``A_t`` and ``G_t`` (``A_t ⊗ G_t`` restricted to the
+  ``r × r`` leading Kronecker eigen-directions), much cheaper per task.
 * ``"eigenbasis"``: constant memory. The curvature is kept diagonal in the Kronecker eigenbasis
   ``Q_A ⊗ Q_G`` of the factor sums ``Σ_t A_t``, ``Σ_t G_t``: ``H ≈ (Q_A ⊗ Q_G) diag(s)
   (Q_A ⊗ Q_G)ᵀ`` with ``s`` an ``O × I'`` matrix. A new task's ``A ⊗ G`` is added in the new
@@ -25,7 +27,9 @@ Kronecker product, so there are two ways to keep several tasks (``merge=``):
   basis, the diagonal of the exact sum (the Frobenius-nearest matrix diagonal in the basis) for
   the last task and for the projected history. The anchors combine as in the diagonal penalty,
   elementwise in the rotated coordinates. The approximation's cost is measured in
-  ``benchmarks/bench_kfac.py``.
+  ``benchmarks/bench_kfac.py``; on permuted-input tasks (factors far from commuting) it loses
+  most of KFAC's advantage in training (``docs/REPRODUCTION.md``), so ``"exact"`` is the
+  default.
 
 ``mode="online"`` keeps ``H ← γ H + H_new`` anchored at the latest optimum, in either form.
 """
