@@ -106,7 +106,7 @@ def _random_kfac(model, gen):
     return ewc.KFAC(blocks)
 
 
-FORMS = (("exact", None), ("eigenbasis", None), ("eigenbasis", 64))
+FORMS = (("exact", None), ("exact", 64), ("eigenbasis", None), ("eigenbasis", 64))
 
 
 def penalty_rows(rounds: int) -> list[dict]:

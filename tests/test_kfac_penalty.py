@@ -278,3 +278,34 @@ def test_truncated_eigenbasis_keeps_the_leading_directions():
     assert fresh.rank == r and torch.allclose(fresh.penalty(), pen.penalty())
     with pytest.raises(ValueError, match="rank"):
         ewc.EWC(model, 1.0, curvature="kfac", merge="eigenbasis", rank=0)
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_exact_merge_with_rank_keeps_each_tasks_leading_eigenpairs(mode, tmp_path):
+    """rank=r, merge='exact': Σ_t of each task's top-r × top-r eigenpair terms (dense reference)."""
+    model = Net()
+    r = 2
+    pen = ewc.EWC(model, 2.0, curvature="kfac", rank=r, mode=mode, gamma=0.6)
+    kfacs, anchors = _train_tasks(pen, model, tasks=3)
+    weights = [0.36, 0.6, 1.0] if mode == "online" else [1.0, 1.0, 1.0]
+    want = 0.0
+    for k, anchor, c in zip(kfacs, anchors, weights, strict=True):
+        delta = _delta(model, anchors[-1] if mode == "online" else anchor)
+        want = want + c * sum((k.rest[n] * delta[n] ** 2).sum() for n in k.rest)
+        for b in k.values():
+            ((a, g),) = b.terms
+            ea, qa = torch.linalg.eigh(a)
+            eg, qg = torch.linalg.eigh(g)
+            ea, qa, eg, qg = ea.flip(0)[:r], qa.flip(1)[:, :r], eg.flip(0)[:r], qg.flip(1)[:, :r]
+            rot = qg.T @ b.matrix(delta, torch.float64) @ qa
+            want = want + c * (torch.outer(eg, ea) * rot**2).sum()
+    assert torch.allclose(pen.penalty(), want)  # λ/2 = 1
+    model.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    auto = torch.autograd.grad(pen.penalty(), params)
+    pen.add_penalty_grad()
+    assert all(torch.allclose(p.grad, ga) for p, ga in zip(params, auto, strict=True))
+    path = str(tmp_path / "s.safetensors")
+    pen.save(path)
+    loaded = ewc.EWC.load(path, model)
+    assert loaded.rank == r and torch.allclose(loaded.penalty(), pen.penalty())

@@ -14,7 +14,9 @@ penalty of :class:`ewc.EWC` (its merged exact quadratic). A sum of Kronecker pro
 Kronecker product, so there are two ways to keep several tasks (``merge=``):
 
 * ``"exact"``: every task's ``(A_t, G_t, W̃*_t)``; memory and step cost grow with the tasks
-  (one batched pair of matmuls per layer covers all of them).
+  (one batched pair of matmuls per layer covers all of them). With ``rank=r`` each task keeps
+  its own ``r`` leading eigenpairs of ``A_t`` and ``G_t`` (``A_t ⊗ G_t`` restricted to the
+  ``r × r`` leading Kronecker eigen-directions), much cheaper per task.
 * ``"eigenbasis"``: constant memory. The curvature is kept diagonal in the Kronecker eigenbasis
   ``Q_A ⊗ Q_G`` of the factor sums ``Σ_t A_t``, ``Σ_t G_t``: ``H ≈ (Q_A ⊗ Q_G) diag(s)
   (Q_A ⊗ Q_G)ᵀ`` with ``s`` an ``O × I'`` matrix. A new task's ``A ⊗ G`` is added in the new
@@ -25,7 +27,9 @@ Kronecker product, so there are two ways to keep several tasks (``merge=``):
   basis, the diagonal of the exact sum (the Frobenius-nearest matrix diagonal in the basis) for
   the last task and for the projected history. The anchors combine as in the diagonal penalty,
   elementwise in the rotated coordinates. The approximation's cost is measured in
-  ``benchmarks/bench_kfac.py``.
+  ``benchmarks/bench_kfac.py``; on permuted-input tasks (factors far from commuting) it loses
+  most of KFAC's advantage in training (``docs/REPRODUCTION.md``), so ``"exact"`` is the
+  default.
 
 ``mode="online"`` keeps ``H ← γ H + H_new`` anchored at the latest optimum, in either form.
 """
@@ -54,9 +58,10 @@ class KFACEWC(EWC):
             :class:`ewc.EWC`; λ multiplies the same per-sample-mean curvature.
         merge: ``"exact"`` (every task's factors; memory grows with the tasks) or
             ``"eigenbasis"`` (constant memory, the approximation of :mod:`ewc.kfac_penalty`).
-        rank: With ``merge="eigenbasis"``: keep only the ``rank`` leading eigenvectors of each
-            factor sum (``None``: all). Drops the directions of least curvature; the step cost
-            falls from ``2·O·I'·(O + I')`` to about ``2·O·I'·rank`` multiply-adds per layer.
+        rank: Keep only the ``rank`` leading eigenvectors of each factor (``None``: all): of
+            each task's ``A_t`` and ``G_t`` for ``merge="exact"``, of the factor sums for
+            ``"eigenbasis"``. Drops the directions of least curvature; the step cost per layer
+            and term falls from about ``O·I'·(O + I')`` to ``2·O·I'·rank`` multiply-adds.
         fisher_dtype: Storage dtype of the factors and of the diagonal precision.
 
     Attributes:
@@ -81,8 +86,6 @@ class KFACEWC(EWC):
         super().__init__(model, lam, **kwargs)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
-        if rank is not None and merge != "eigenbasis":
-            raise ValueError("rank= truncates the eigenbasis merge: pass merge='eigenbasis'")
         self.merge = merge
         self.rank = rank
         self.layers: dict[str, tuple[str, str | None, tuple[int, ...]]] = {}
@@ -161,12 +164,25 @@ class KFACEWC(EWC):
         self, name: str, a: Tensor, g: Tensor, anchor: Tensor, decay: float, store: torch.dtype
     ) -> None:
         old = self.kron.get(name)
-        new = {"A": a[None].to(store), "G": g[None].to(store), "anchor": anchor[None].clone()}
+        if self.rank is None:
+            new = {"A": a[None].to(store), "G": g[None].to(store)}
+            scaled = "G"
+        else:  # the term's own leading eigenpairs: A ⊗ G ≈ (U_A ⊗ U_G) diag(s) (U_A ⊗ U_G)ᵀ
+            ea, ua = _top_eigenpairs(a.double(), self.rank)
+            eg, ug = _top_eigenpairs(g.double(), self.rank)
+            new = {
+                "Q_A": ua[None].to(store),
+                "Q_G": ug[None].to(store),
+                "S": torch.outer(eg, ea)[None].to(store),
+            }
+            scaled = "S"
+        new["anchor"] = anchor[None].clone()
         if old is None:
             self.kron[name] = new
             return
         if self.mode == "online":  # H ← γ H + H_new, every term anchored at the latest optimum
-            old = {**old, "G": old["G"] * decay, "anchor": anchor.expand_as(old["anchor"]).clone()}
+            old = {**old, scaled: old[scaled] * decay}
+            old["anchor"] = anchor.expand_as(old["anchor"]).clone()
         self.kron[name] = {k: torch.cat([old[k], new[k]]) for k in new}
 
     def _add_eigen(
@@ -223,11 +239,17 @@ class KFACEWC(EWC):
         ``R = Q_Gᵀ (W̃ − μ) Q_A``.
         """
         st = self._kron_state(name, wt.device)
-        if self.merge == "exact":
+        if self.merge == "exact" and "A" in st:
             a, g = st["A"].to(wt.dtype), st["G"].to(wt.dtype)
             d = wt.unsqueeze(0) - st["anchor"]  # (T, O, I')
             gda = torch.bmm(torch.bmm(g, d), a)
             return (gda * d).sum(), gda.sum(0)
+        if self.merge == "exact":  # per-task truncated eigenpairs, batched over the tasks
+            qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
+            d = wt.unsqueeze(0) - st["anchor"]
+            rot = torch.bmm(torch.bmm(qg.transpose(1, 2), d), qa)  # (T, r_G, r_A)
+            srot = s * rot
+            return (srot * rot).sum(), torch.bmm(torch.bmm(qg, srot), qa.transpose(1, 2)).sum(0)
         qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
         rot = qg.T @ (wt - st["mean"]) @ qa
         srot = s * rot
@@ -314,6 +336,7 @@ class KFACEWC(EWC):
 
         As :meth:`ewc.EWC.load_state_dict`; the object is unchanged on error.
         """
+        from ._kfac_state import parse_kron
         from ._state import parse_state
 
         merge, rank, layers, kron, kron_offset, rest = parse_kron(state, self)
@@ -344,118 +367,16 @@ class KFACEWC(EWC):
         )
 
 
-# --- Validating a saved state -----------------------------------------------------------------
-_EXACT = ("A", "G", "anchor")
-_EIGEN = ("Q_A", "Q_G", "S", "mean", "sum_A", "sum_G")
-
-
-def parse_kron(state: Mapping[str, Any], ewc: KFACEWC) -> tuple[Any, ...]:
-    """Validate the Kronecker part of ``state``.
-
-    Returns ``(merge, rank, layers, kron, offset, rest)``.
-
-    ``rest`` holds the other tensors (the diagonal part, validated by the caller).
-    """
-    try:
-        tensors: Mapping[str, Tensor] = state["tensors"]
-        meta: Mapping[str, Any] = state["metadata"]
-    except (KeyError, TypeError) as e:
-        raise ValueError("an EWC state needs 'tensors' and 'metadata' entries") from e
-    if not isinstance(meta, Mapping) or meta.get("curvature") != "kfac":
-        raise ValueError(
-            "this state has no Kronecker-factored curvature (metadata 'curvature' is not "
-            "'kfac'); load it with curvature='diagonal'"
-        )
-    merge = meta.get("merge")
-    if merge not in MERGES:
-        raise ValueError(f"the state has an unknown merge {merge!r}; expected one of {MERGES}")
-    rank = meta.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"the state has rank={rank!r}; expected a positive integer or null")
-    layers = _check_layers(meta.get("layers"), ewc)
-    offset = tensors.get("kron_offset")
-    if not isinstance(offset, Tensor) or offset.shape != () or not offset.is_floating_point():
-        raise ValueError("the state has no scalar floating-point 'kron_offset' tensor")
-    value = float(offset)
-    if not (value >= 0 and value < float("inf")) or (meta.get("mode") == "online" and value):
-        raise ValueError(f"the state's kron_offset is {value!r}: the file is corrupt")
-    fields = _EXACT if merge == "exact" else _EIGEN
-    kron: dict[str, dict[str, Tensor]] = {}
-    rest: dict[str, Tensor] = {}
-    for key, t in tensors.items():
-        if key == "kron_offset":
-            continue
-        if not key.startswith("kfac."):
-            rest[key] = t
-            continue
-        layer, _, field = key[len("kfac.") :].rpartition(".")
-        if layer not in layers or field not in fields:
-            raise ValueError(f"the state has an unexpected tensor {key!r}")
-        kron.setdefault(layer, {})[field] = t
-    if meta.get("tasks") and set(kron) != set(layers):
-        raise ValueError(f"the state lacks the factors of layers {sorted(set(layers) - set(kron))}")
-    params = ewc._params()
-    for layer, st in kron.items():
-        missing = [f for f in fields if f not in st]
-        if missing:
-            raise ValueError(f"the state lacks {missing} of layer {layer!r}")
-        w, b, shape = layers[layer]
-        o, i = shape[0], int(torch.Size(shape[1:]).numel()) + (b is not None)
-        lead = (st["A"].shape[0],) if merge == "exact" and st["A"].dim() == 3 else ()
-        ka, kg = (i, o) if rank is None else (min(rank, i), min(rank, o))
-        want = {
-            "A": (*lead, i, i), "G": (*lead, o, o), "anchor": (*lead, o, i),
-            "Q_A": (i, ka), "Q_G": (o, kg), "S": (kg, ka), "mean": (o, i),
-            "sum_A": (i, i), "sum_G": (o, o),
-        }  # fmt: skip
-        for f in fields:
-            t = st[f]
-            if tuple(t.shape) != want[f] or (merge == "exact" and not lead):
-                raise ValueError(
-                    f"kfac.{layer}.{f} has shape {tuple(t.shape)}, expected {want[f]} (one "
-                    "entry per term for merge='exact')"
-                )
-            store = ewc.fisher_dtype or params[w].dtype
-            dt = params[w].dtype if f in ("anchor", "mean") else store
-            if t.dtype != dt:
-                raise ValueError(f"kfac.{layer}.{f} has dtype {t.dtype}, expected {dt}")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"kfac.{layer}.{f} has non-finite values: the file is corrupt")
-        for f in ("A", "G", "S"):
-            t = st.get(f)
-            if t is None:
-                continue
-            if bool(((t if f == "S" else torch.diagonal(t, 0, -2, -1)) < 0).any()):
-                raise ValueError(f"kfac.{layer}.{f} has negative curvature: the file is corrupt")
-        kron[layer] = {k: v.detach().clone().to(params[w].device) for k, v in st.items()}
-    return merge, rank, layers, kron, offset.detach().to(torch.float64).clone(), rest
-
-
-def _check_layers(raw: Any, ewc: KFACEWC) -> dict[str, tuple[str, str | None, tuple[int, ...]]]:
-    if not isinstance(raw, Mapping):
-        raise ValueError("the state's metadata 'layers' must map layer names to their parameters")
-    params = ewc._params()
-    out = {}
-    for name, spec in raw.items():
-        try:
-            w, b, shape = spec["weight"], spec["bias"], tuple(int(v) for v in spec["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"the state's layer record {name!r} is malformed: {e}") from e
-        if w not in params or tuple(params[w].shape) != shape:
-            raise ValueError(
-                f"the state's layer {name!r} has weight {w!r} of shape {shape}, which the model "
-                "lacks; was it saved for another model?"
-            )
-        if b is not None and (b not in params or tuple(params[b].shape) != (shape[0],)):
-            raise ValueError(f"the state's layer {name!r} has a bias {b!r} the model lacks")
-        out[str(name)] = (w, b, shape)
-    return out
-
-
 def _top_eigenvectors(m: Tensor, rank: int | None) -> Tensor:
     """Eigenvectors of the symmetric ``m``, by decreasing eigenvalue, the first ``rank``."""
-    vecs = torch.linalg.eigh(m).eigenvectors.flip(-1)
-    return vecs if rank is None else vecs[:, :rank]
+    return _top_eigenpairs(m, rank)[1]
+
+
+def _top_eigenpairs(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
+    """Return ``(eigenvalues ≥ 0, eigenvectors)`` of ``m``, decreasing, the first ``rank``."""
+    vals, vecs = torch.linalg.eigh(m)
+    vals, vecs = vals.flip(-1).clamp_min(0), vecs.flip(-1)
+    return (vals, vecs) if rank is None else (vals[:rank], vecs[:, :rank])
 
 
 class _Precomputed(torch.autograd.Function):

@@ -100,7 +100,7 @@ class Config:
     fisher_samples: int | None = None
     gamma: float = 1.0
     xi: float = 0.1
-    kfac_rank: int | None = None  # kfac-ewc: eigenvectors kept per factor (None: all)
+    kfac_rank: int | None = None  # kfac-ewc: eigenpairs kept per task's factor (None: all)
     seed: int = 0
     first_identity: bool = True
     val_fraction: float = 0.1
@@ -244,12 +244,11 @@ def _mas(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
 
 
 def _kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
-    """KFAC-EWC (Ritter et al. 2018), its tasks merged in the shared eigenbasis."""
+    """KFAC-EWC (Ritter et al. 2018): every task's Kronecker factors (``kfac_rank`` eigenpairs)."""
     return EWC(
         model,
         lam,
         curvature="kfac",
-        merge="eigenbasis",
         rank=cfg.kfac_rank,
         kind=cfg.fisher_kind,
         n_samples=cfg.fisher_samples,
@@ -257,12 +256,11 @@ def _kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
 
 
 def _online_kfac_ewc(model: nn.Module, lam: float, cfg: Config) -> Regularizer | None:
-    """Online KFAC-EWC: ``H ← γ H + H_new`` anchored at the latest optimum."""
+    """Online KFAC-EWC: ``H ← γ H + H_new`` (each task's factors) at the latest optimum."""
     return EWC(
         model,
         lam,
         curvature="kfac",
-        merge="eigenbasis",
         rank=cfg.kfac_rank,
         mode="online",
         gamma=cfg.gamma,
