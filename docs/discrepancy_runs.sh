@@ -2,7 +2,8 @@
 # The runs behind docs/REPRODUCTION.md, "The two discrepancies": each variant changes one
 # thing of a published protocol. Full MNIST in $DATA.
 # Usage: docs/discrepancy_runs.sh OUT GROUP, GROUP one of a (fine-tuning forgets too little),
-# b (L2 under Adam), c (the Hsu et al. protocols, the methods available), demo (L2 on the demo).
+# b (L2 under Adam), c (the Hsu et al. protocols, the methods available), demo (L2 on the demo),
+# switch (Adam's update size after a task switch, docs/adam_task_switch.py).
 # On the project's shared machine each group ran under the shared lock:
 #   flock /work/heavy.lock docs/discrepancy_runs.sh runs/discrepancies a
 set -u
@@ -29,6 +30,8 @@ a)  # task-incremental fine-tuning: optimizer kept (published) vs reset (ours be
     # iteration count (van de Ven: 2,000 per task; Hsu: 4 epochs = 375) and the 32×32 padding
   run vdv-task-keep   "${VDV[@]}" --seeds 0,1
   run vdv-task-reset  "${VDV[@]}" --seeds 0,1 --reset-optimizer
+  run vdv-task-reset-s23   "${VDV[@]}" --seeds 2,3 --reset-optimizer
+  run vdv-task-ours-before "${VDV[@]}" --seeds 0 --reset-optimizer --val-fraction 0.1
   run hsu-task-keep   "${HSU_T[@]}" --methods finetune --seeds 0,1,2
   run hsu-task-reset  "${HSU_T[@]}" --methods finetune --seeds 0,1,2 --reset-optimizer
   run hsu-task-nopad  "${HSU_T[@]}" --methods finetune --seeds 0,1,2 --pad 0 --normalize none
@@ -41,14 +44,16 @@ b)  # L2 under Adam, Hsu et al.'s domain-incremental protocol (λ = 2 · reg_coe
   run hsu-domain-l2latest-reset "${HSU_D[@]}" --methods l2 --seeds 0,1,2 --reset-optimizer
   ;;
 c)  # the Hsu et al. protocols with the methods this branch has (SI, MAS come with regularisers)
-  run hsu-task-reg    "${HSU_T[@]}" --methods l2,ewc,online-ewc --seeds 0,1,2
-  run hsu-class-all   "${HSU_C[@]}" --methods finetune,l2,ewc,online-ewc --seeds 0,1,2
-  run hsu-domain-ewc  "${HSU_D[@]}" --methods ewc,online-ewc --seeds 0,1,2
+  run hsu-task-reg    "${HSU_T[@]}" --methods l2,ewc,online-ewc --seeds 0,1
+  run hsu-class-all   "${HSU_C[@]}" --methods finetune,l2,ewc,online-ewc --seeds 0,1
+  run hsu-domain-ewc  "${HSU_D[@]}" --methods ewc,online-ewc --seeds 0,1
   ;;
 demo)  # the demo's λ grid under Adam and SGD, anchored at every past optimum or the latest
   run demo-adam-all     "${DEMO[@]}" --lam l2=0.0001:0.001:0.01 --l2-anchor all
   run demo-adam-latest  "${DEMO[@]}" --lam l2=0.0001:0.001:0.01 --l2-anchor latest
   run demo-sgd-all      "${DEMO[@]}" --lam l2=0.01:0.1:1 --l2-anchor all --optimizer sgd --lr 0.05
-  run demo-sgd-latest   "${DEMO[@]}" --lam l2=0.01:0.1:1 --l2-anchor latest --optimizer sgd --lr 0.05
+  ;;
+switch)
+  .venv/bin/python docs/adam_task_switch.py "$DATA" > "$OUT/adam_task_switch.txt" 2>&1
   ;;
 esac
