@@ -11,6 +11,7 @@ import torch
 from ewc import L2, cli
 from ewc.data import make_stream
 from ewc.experiments import protocols, trainer
+from ewc.experiments.checkpoint import load_checkpoint
 from ewc.experiments.models import MLP
 from ewc.experiments.results import format_table, read_results
 
@@ -149,8 +150,6 @@ def test_kept_optimizer_changes_training_and_is_checkpointed(tmp_path):
         keep["methods"]["ewc"]["accuracy_matrix"][0]
         == reset["methods"]["ewc"]["accuracy_matrix"][0]
     )
-    state = torch.load  # noqa: F841  (checkpoints are safetensors; the optimizer state is in them)
-    from ewc.experiments.checkpoint import load_checkpoint
 
     saved = load_checkpoint(next((tmp_path / "k" / "checkpoints").glob("ewc-*/task-1.safetensors")))
     assert "optimizer" in saved and saved["optimizer"]["state"]
