@@ -154,6 +154,8 @@ def _worker2(rank: int, outdir: str) -> None:
     )
     partial = _sharded_mlp(root=False)  # 2.* outside any FSDP unit: plain, all-reduced
     _put(out, "partial", fd(partial, even, kind="exact"), partial)
+    with pytest.raises(ValueError, match="before fully_shard"):
+        ewc.fisher_route(model, x[:2])
 
     reg = ewc.EWC(model, lam=LAM, kind="exact")
     reg.consolidate(even)
