@@ -205,6 +205,32 @@ def _agreement(name, model, data):
 
 
 # --- Penalty training step --------------------------------------------------------------
+class _ReturnedGrads(torch.autograd.Function):
+    """The autograd penalty before issue 12: its backward returns new gradient tensors, which
+    autograd then sums with the task gradient (kept here for the side-by-side rows)."""
+
+    @staticmethod
+    def forward(ctx, lam, offset, precs, anchors, *params):
+        diffs = torch._foreach_sub(list(params), anchors)
+        weighted = torch._foreach_mul(diffs, precs)
+        pairs = zip(diffs, weighted, strict=True)
+        dots = [torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in pairs]
+        ctx.lam = lam
+        ctx.save_for_backward(*weighted)
+        return 0.5 * lam * (torch.stack(dots).sum() + offset)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grads = torch._foreach_mul(list(ctx.saved_tensors), grad_out * ctx.lam)
+        return (None, None, None, None, *grads)
+
+
+def _returned_grads_penalty(reg):
+    ps, precs, anchors = reg._operands()
+    return _ReturnedGrads.apply(reg.lam, float(reg.offset), precs, anchors, *ps)
+
+
 def penalty_rows(rounds):
     torch.manual_seed(0)
     model = mlp()
@@ -212,11 +238,13 @@ def penalty_rows(rounds):
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
     steps = 20
 
-    def step(reg=None, inject=False):
+    def step(reg=None, inject=False, before=False):
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
-            if reg is not None and not inject:
+            if reg is not None and before:
+                loss = loss + _returned_grads_penalty(reg)
+            elif reg is not None and not inject:
                 loss = loss + reg.penalty()
             loss.backward()
             if inject:
@@ -236,8 +264,13 @@ def penalty_rows(rounds):
             path = os.path.join(d, "s.safetensors")
             reg.save(path)
             size = os.path.getsize(path)
-        for form, inject in (("penalty()", False), ("add_penalty_grad()", True)):
-            ratio = _ratio(step, lambda inj=inject: step(reg, inj), rounds)
+        forms = (
+            ("penalty() before", False, True),
+            ("penalty()", False, False),
+            ("add_penalty_grad()", True, False),
+        )
+        for form, inject, before in forms:
+            ratio = _ratio(step, lambda inj=inject, b=before: step(reg, inj, b), rounds)
             rows.append({"tasks": n_tasks, "form": form, "ratio": ratio, "state_bytes": size})
             print(f"  tasks={n_tasks:3d} {form:20s} {ratio:6.3f}x  state file {size} bytes")
     return rows
@@ -248,13 +281,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smaller N, fewer rounds")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--penalty-only", action="store_true", help="only the penalty step rows")
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
-    rows = fisher_rows("MLP", mlp(), 2000 if args.quick else 10000, (784,), rounds, args.quick)
-    rows += fisher_rows("CNN", cnn(), 500 if args.quick else 2000, (1, 28, 28), rounds,
-                        args.quick)
+    rows = []
+    if not args.penalty_only:
+        rows = fisher_rows("MLP", mlp(), 2000 if args.quick else 10000, (784,), rounds, args.quick)
+        rows += fisher_rows("CNN", cnn(), 500 if args.quick else 2000, (1, 28, 28), rounds,
+                            args.quick)
     prow = penalty_rows(rounds)
     if args.json:
         with open(args.json, "w") as f:

@@ -53,6 +53,13 @@ def _sharded_mlp(root: bool = True) -> nn.Module:
     return model
 
 
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(100, 3)
+    ).double()
+
+
 def _gpt2() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -147,6 +154,8 @@ def _worker2(rank: int, outdir: str) -> None:
     )
     partial = _sharded_mlp(root=False)  # 2.* outside any FSDP unit: plain, all-reduced
     _put(out, "partial", fd(partial, even, kind="exact"), partial)
+    with pytest.raises(ValueError, match="before fully_shard"):
+        ewc.fisher_route(model, x[:2])
 
     reg = ewc.EWC(model, lam=LAM, kind="exact")
     reg.consolidate(even)
@@ -158,6 +167,17 @@ def _worker2(rank: int, outdir: str) -> None:
     reg2.consolidate(even)
     assert all(t.dtype == torch.bfloat16 for t in reg2.precision.values())
     _steps(small, reg2, xs, ys, out, "ewc_bf16")
+
+    cnn = _cnn()
+    fully_shard(cnn[0])
+    fully_shard(cnn)
+    images = torch.randn(
+        10, 1, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    mine_img = images[:6] if rank == 0 else images[6:]
+    _put(
+        out, "cnn", fd(cnn, loader(mine_img, y[:6] if rank == 0 else y[6:10], 4), kind="exact"), cnn
+    )
 
     gpt = _gpt2()
     for block in gpt.transformer.h:
@@ -281,6 +301,14 @@ def test_params_subset_and_bfloat16_storage(two):
 def test_parameters_outside_fsdp_units_are_all_reduced(two):
     x, y = _data()
     _check(two[1], "partial", _single(x, y, "exact"))
+
+
+def test_convolution(two):
+    _, y = _data()
+    images = torch.randn(
+        10, 1, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    _check(two[1], "cnn", _single(images, y[:10], "exact", model=_cnn()))
 
 
 def test_gpt2_style_model(two):

@@ -224,7 +224,9 @@ def test_params_subset_penalises_only_the_selected_parameters():
     theta_star = {n: p.detach().clone() for n, p in model.named_parameters()}
     _move(model, 1)
     want = sum(
-        (fisher[n] * (p - theta_star[n]) ** 2).sum() for n, p in model.named_parameters() if n in fisher
+        (fisher[n] * (p - theta_star[n]) ** 2).sum()
+        for n, p in model.named_parameters()
+        if n in fisher
     )
     pen = reg.penalty()
     torch.testing.assert_close(pen, 1.0 * want, rtol=1e-12, atol=0)
@@ -341,3 +343,46 @@ def test_frozen_parameters_move_with_neither_form():
         torch.testing.assert_close(updates[0][n], updates[1][n], rtol=1e-12, atol=1e-14)
     assert float(updates[0]["0.weight"].abs().max()) == 0.0
     assert float(updates[0]["2.weight"].abs().max()) > 0.0
+
+
+# --- The autograd form writes its gradient in place (issue 12) -------------------------------
+def _penalised(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    reg = ewc.EWC(model, lam=2.0)
+    reg.consolidate(fisher=_fake_fisher(model, [n for n, _ in model.named_parameters()], 1))
+    _move(model, 2)
+    want = {
+        n: 2.0 * reg.precision[n] * (p.detach() - reg.anchor[n])
+        for n, p in model.named_parameters()
+    }
+    return model, reg, want
+
+
+def test_penalty_gradient_in_place_matches_autograd_every_way():
+    model, reg, want = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    task = {n: g for n, g in zip(dict(model.named_parameters()),
+            torch.autograd.grad(model(x).sum(), list(model.parameters())), strict=True)}  # fmt: skip
+    # autograd.grad: returned, nothing written into .grad
+    got = torch.autograd.grad(reg.penalty(), list(model.parameters()))
+    for (n, p), g in zip(model.named_parameters(), got, strict=True):
+        torch.testing.assert_close(g, want[n], rtol=1e-12, atol=0)
+        assert p.grad is None
+    # backward with a task loss, accumulated over two micro-batches, with retain_graph
+    loss = model(x).sum() + reg.penalty()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * (task[n] + want[n]), rtol=1e-12, atol=1e-15)
+    # a parameter that gets no task gradient still gets the penalty's (end-of-pass callback)
+    model.zero_grad(set_to_none=True)
+    (model[0](x).sum() + reg.penalty()).backward()
+    for n, p in model.named_parameters():
+        first = torch.autograd.grad(model[0](x).sum(), p)[0] if n.startswith("0.") else 0.0
+        torch.testing.assert_close(p.grad, want[n] + first, rtol=1e-12, atol=1e-15)
+    # backward(inputs=...) only touches those inputs
+    model.zero_grad(set_to_none=True)
+    reg.penalty().backward(inputs=[model[2].weight])
+    assert model[0].weight.grad is None
+    torch.testing.assert_close(model[2].weight.grad, want["2.weight"], rtol=1e-12, atol=0)

@@ -23,10 +23,11 @@ batch (broadcast, no pickling), so the probe's passes and its decisions are the 
 ranks. A second status round after the forward pass (bad labels, non-finite outputs) comes
 before any backward pass.
 
-Limits: every selected parameter needs a closed form (the generic per-sample paths re-run the
-model per sample, which FSDP's collectives do not allow); the probe holds one full gradient of
-the selected parameters for its check, and each batch's sums are full layer shapes until they
-are reduce-scattered.
+Limits: every selected parameter needs a closed form of :mod:`ewc._rules` (the generic
+per-sample paths re-run the model per sample, which FSDP's collectives do not allow, and the
+module-local VJP of other leaf modules would call them on sharded weights); the probe holds
+one full gradient of the selected parameters for its check, and each batch's sums are full
+layer shapes until they are reduce-scattered.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def conv(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
             _, gw, _ = torch.ops.aten.convolution_backward(
                 go,
                 xi,
-                w.new_empty(1).expand(wshape),
+                g.new_empty(1).expand(wshape),  # shape only (w may be an FSDP shard)
                 None,
                 module.stride,
                 padding,

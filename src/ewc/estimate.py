@@ -316,6 +316,11 @@ def fisher_route(
     model = _dist.unwrap(model)
     opts = FisherOptions(params=params, output_fn=output_fn)
     trainable = select_params(model, params)
+    if _fsdp.sharded_names(trainable):
+        raise ValueError(
+            "fisher_route runs the probe on one process: call it on the model before "
+            "fully_shard (or on an unsharded copy); the route is the same"
+        )
     device = next(iter(trainable.values())).device
     inputs = to_device(inputs, device)
     modes = {m: m.training for m in model.modules()}

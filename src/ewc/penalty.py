@@ -498,7 +498,16 @@ class EWC:
 
 
 class _Quadratic(torch.autograd.Function):
-    """``(λ/2) (Σ_i A_i (θ_i − μ_i)² + c)`` with the gradient ``λ A ⊙ (θ − μ)``."""
+    """``(λ/2) (Σ_i A_i (θ_i − μ_i)² + c)`` with the gradient ``λ A ⊙ (θ − μ)``.
+
+    The backward pass writes the gradient in place where it can: for a parameter whose
+    gradient accumulator this pass runs (``loss.backward()``), ``λ g A ⊙ (θ − μ)`` is added to
+    its ``.grad`` right after autograd accumulates the rest of its gradient there (a
+    post-accumulate hook, which runs before DDP's reduction hooks see the gradient), or, for a
+    parameter that gets no other gradient, at the end of the pass. Nothing is allocated or
+    summed for it. Otherwise (``torch.autograd.grad``, non-leaf inputs such as FSDP's shards)
+    the gradient is returned as usual.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -515,15 +524,62 @@ class _Quadratic(torch.autograd.Function):
             torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in zip(diffs, weighted, strict=True)
         ]
         ctx.lam = lam
-        ctx.save_for_backward(*weighted)
+        ctx.weighted = weighted  # not inputs or outputs: kept on ctx, never modified
+        ctx.params = params
         return 0.5 * lam * (torch.stack(dots).sum() + offset)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        weighted = ctx.saved_tensors
-        grads = torch._foreach_mul(list(weighted), grad_out * ctx.lam)
-        return (None, None, None, None, *grads)
+        scale = grad_out * ctx.lam
+        out: list[Tensor | None] = []
+        late: dict[int, tuple[Tensor, Tensor]] = {}
+        handles: list[Any] = []
+        for i, (p, w) in enumerate(zip(ctx.params, ctx.weighted, strict=True)):
+            if not ctx.needs_input_grad[4 + i]:
+                out.append(None)
+            elif _accumulates(p):
+                late[id(p)] = (p, w)
+                handles.append(p.register_post_accumulate_grad_hook(_adder(w, scale, late)))
+                out.append(None)
+            else:
+                out.append(w * scale)
+        if handles:
+
+            def finish() -> None:  # parameters whose accumulator got no other gradient
+                for h in handles:
+                    h.remove()
+                for p, w in late.values():
+                    if p.grad is None:
+                        p.grad = (w * scale).to(p.dtype)
+                    else:
+                        p.grad.addcmul_(w, scale)
+
+            torch.autograd.Variable._execution_engine.queue_callback(finish)
+        return (None, None, None, None, *out)
+
+
+def _accumulates(p: Tensor) -> bool:
+    """Whether the running backward pass accumulates into ``p.grad`` (a leaf it reaches)."""
+    if not p.is_leaf or not p.requires_grad:
+        return False
+    try:
+        node = torch.autograd.graph.get_gradient_edge(p).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # an older torch, or no engine running
+        return False
+
+
+def _adder(w: Tensor, scale: Tensor, late: dict[int, Any]) -> Any:
+    def hook(p: Tensor) -> None:
+        if late.pop(id(p), None) is None:
+            return
+        if p.grad is None:  # the accumulator ran with nothing else for this parameter
+            p.grad = (w * scale).to(p.dtype)
+        else:
+            p.grad.addcmul_(w, scale)
+
+    return hook
 
 
 class L2(EWC):
