@@ -396,7 +396,7 @@ class _Recorded(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grads = torch._foreach_mul(list(ctx.saved_tensors), grad_out * ctx.lam)
+        grads = torch._foreach_mul(list(ctx.weighted), grad_out * ctx.lam)  # A ⊙ (θ − μ)
         for i, (name, g) in enumerate(zip(ctx.names, grads, strict=True)):
             if ctx.needs_input_grad[6 + i]:
                 ctx.si._record(name, g)
