@@ -27,7 +27,8 @@ How it is computed, in three parts:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -192,8 +193,23 @@ def fisher_diagonal(
     return estimate(model, data, opts)
 
 
-def estimate(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Fisher:
-    """:func:`fisher_diagonal` with its options as one validated object."""
+class Setup(NamedTuple):
+    """What every estimator's entry resolves once: the unwrapped model and its data budget."""
+
+    model: nn.Module
+    trainable: dict[str, nn.Parameter]
+    limit: int | None
+    reduction: _dist.Reduction | None
+
+
+@contextmanager
+def prepared(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Iterator[Setup]:
+    """Resolve what every estimator needs once, and run the body in eval mode.
+
+    Unwraps ``model``, resolves the reduction, the local sample limit and the parameters;
+    every submodule's train/eval mode is restored afterwards. The shared entry of
+    :func:`estimate`, the KFAC estimator and MAS.
+    """
     model = _dist.unwrap(model)
     reduction = _dist.resolve(opts.distributed, opts.group)
     limit = _dist.local_limit(data, opts.n_samples, reduction)
@@ -201,12 +217,18 @@ def estimate(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Fish
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        if _fsdp.sharded_names(trainable):  # FSDP2: a lockstep loop into DTensor shards
-            return _fsdp.estimate(model, data, opts, trainable, limit, reduction)
-        return _estimate(model, data, opts, trainable, limit, reduction)
+        yield Setup(model, trainable, limit, reduction)
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def estimate(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> Fisher:
+    """:func:`fisher_diagonal` with its options as one validated object."""
+    with prepared(model, data, opts) as (model, trainable, limit, reduction):
+        if _fsdp.sharded_names(trainable):  # FSDP2: a lockstep loop into DTensor shards
+            return _fsdp.estimate(model, data, opts, trainable, limit, reduction)
+        return _estimate(model, data, opts, trainable, limit, reduction)
 
 
 def _batches(

@@ -51,8 +51,8 @@ from ._columns import DiagonalSums, column_grads, live_layers
 from ._options import FisherOptions, OutputFn, acc_dtype
 from ._probe import Router
 from ._route import Route
-from ._select import ParamSelector, select_params
-from .estimate import _batches, _factor
+from ._select import ParamSelector
+from .estimate import _batches, _factor, prepared
 from .fisher import Fisher
 from .likelihoods import Likelihood
 
@@ -389,17 +389,8 @@ def fisher_kfac(
 
 def estimate_kfac(model: nn.Module, data: Iterable[Any], opts: FisherOptions) -> KFAC:
     """:func:`fisher_kfac` with its options as one validated object."""
-    model = _dist.unwrap(model)
-    reduction = _dist.resolve(opts.distributed, opts.group)
-    limit = _dist.local_limit(data, opts.n_samples, reduction)
-    trainable = select_params(model, opts.params)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with prepared(model, data, opts) as (model, trainable, limit, reduction):
         return _estimate(model, data, opts, trainable, limit, reduction)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _estimate(

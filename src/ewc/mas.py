@@ -48,7 +48,7 @@ from ._probe import PROBE_SIZE, Router
 from ._route import Partition, Route
 from ._select import ParamSelector, select_params
 from ._verify import check_sample
-from .estimate import _batches
+from .estimate import _batches, prepared
 from .fisher import Fisher
 from .penalty import EWC
 
@@ -107,21 +107,12 @@ def mas_importance(
         distributed=distributed,
         group=group,
     )
-    model = _dist.unwrap(model)
-    reduction = _dist.resolve(opts.distributed, opts.group)
-    limit = _dist.local_limit(data, opts.n_samples, reduction)
-    trainable = select_params(model, opts.params)
-    if progress:
-        from tqdm.auto import tqdm
+    with prepared(model, data, opts) as (model, trainable, limit, reduction):
+        if progress:
+            from tqdm.auto import tqdm
 
-        data = tqdm(data, desc="MAS importance", unit="batch")
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+            data = tqdm(data, desc="MAS importance", unit="batch")
         return _estimate(model, data, opts, trainable, limit, reduction)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _estimate(
