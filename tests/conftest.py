@@ -265,7 +265,6 @@ def _gloo_entry(rank, world, port, outdir, worker, args, dtype, timeout):
     )
     try:
         worker(rank, outdir, *args)
-        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
