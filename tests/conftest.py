@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -267,6 +269,16 @@ def _gloo_entry(rank, world, port, outdir, worker, args, dtype, timeout):
         worker(rank, outdir, *args)
     finally:
         dist.destroy_process_group()
+    # A worker that passed leaves without interpreter finalisation. Where something keeps the
+    # gloo group alive past destroy_process_group (importing torch.distributed.fsdp or
+    # torch._dynamo does, with torch 2.13: the FSDP, Lightning and Hugging Face tests), a gloo
+    # worker thread that drops a finished collective's tensors while the interpreter finalises
+    # needs the GIL, exits the thread through C++ code and aborts the process ("terminate
+    # called without an active exception", SIGABRT) at random. A failing worker raises instead,
+    # so torch.multiprocessing.spawn reports its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_gloo(worker, world, outdir, *args, timeout=120):

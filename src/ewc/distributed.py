@@ -39,6 +39,7 @@ are the inner module's, without the ``"module."`` prefix.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -80,10 +81,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _refuse_flat(model: nn.Module) -> None:
-    """Refuse FSDP1 (``FullyShardedDataParallel``): its flat parameters hide the layers'."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # a build without torch.distributed
+    """Refuse FSDP1 (``FullyShardedDataParallel``): its flat parameters hide the layers'.
+
+    Looks the class up in ``sys.modules`` instead of importing it: a model cannot hold FSDP1
+    modules unless ``torch.distributed.fsdp`` was imported, and importing it has a side effect
+    on a live process group (with torch 2.13 the default gloo group then outlives
+    ``destroy_process_group`` to interpreter exit, where a collective's last reference dropped
+    by a gloo worker thread during finalisation aborts the process, at random).
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    FullyShardedDataParallel = getattr(fsdp, "FullyShardedDataParallel", None)
+    if FullyShardedDataParallel is None:
         return
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise ValueError(
