@@ -4,6 +4,7 @@ The diagonal Fisher is a per-sample mean, ``F_i = (1/N) Σ_n (∂ log p(y_n|x_n,
 penalty is ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²``.
 """
 
+from ._memo import clear_route_cache
 from .estimate import fisher_diagonal, fisher_route
 from .fisher import Fisher
 from .hessian import hessian_diagonal
@@ -21,6 +22,7 @@ __all__ = [
     # Fisher estimation
     "fisher_diagonal",
     "fisher_route",
+    "clear_route_cache",
     "Fisher",
     # likelihoods
     "Likelihood",

@@ -85,6 +85,11 @@ def _paths(spec: TreeSpec, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]
     return out
 
 
+def _plain(value: Any) -> Any:
+    """Return a non-tensor input's value if it is plain data (it may change the model's path)."""
+    return value if isinstance(value, (bool, int, float, str, type(None))) else None
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which leaves of a model input are batched (``True``), shared (``False``) or not tensors.
@@ -130,12 +135,16 @@ class Layout:
         return [i for i, f in enumerate(self.batched) if f]
 
     def signature(self, inputs: Any) -> tuple[Any, ...]:
-        """Return a hashable key: the structure, and each leaf's dtype, rank and batched flag."""
+        """Return a hashable key: the structure, and each leaf's dtype, rank and batched flag.
+
+        Non-tensor leaves count by type and, when plain (``bool``, ``int``, ``float``, ``str``,
+        ``None``), by value.
+        """
         leaves = tree_flatten(inputs)[0]
         return (
             str(self.spec),
             tuple(
-                (t.dtype, t.dim(), f) if isinstance(t, Tensor) else type(t).__name__
+                (t.dtype, t.dim(), f) if isinstance(t, Tensor) else (type(t).__name__, _plain(t))
                 for t, f in zip(leaves, self.batched, strict=True)
             ),
         )

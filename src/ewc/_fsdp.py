@@ -179,6 +179,8 @@ def _reshard(model: nn.Module) -> None:
 class ShardRouter(Router):
     """A :class:`~ewc._probe.Router` for FSDP2 models (see the module doc)."""
 
+    memo_allowed = False  # unsharded parameters are rebuilt by each forward pass: probe each time
+
     def checked(self) -> Mapping[str, Tensor]:  # noqa: D102
         live = _unsharded(self.model)
         return {n: live.get(id(p), p) for n, p in self.trainable.items()}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _rules
+from . import _memo, _rules
 from ._batches import Layout, call
 from ._capture import Capture, Record
 from ._generic import loop_squares, vmap_squares
@@ -40,10 +40,19 @@ class Router:
         model: The model (in eval mode).
         trainable: The selected trainable parameters by name.
         opts: The estimate's options (``output_fn`` is read).
+        memo: Start from what earlier estimates of the same model learned and verified, and
+            leave what this one verifies for later ones (:mod:`ewc._memo`: keyed by a
+            fingerprint of the model's structure, hooks, parameters and these options).
     """
 
+    memo_allowed = True  # a subclass whose checks depend on more than the fingerprint: False
+
     def __init__(
-        self, model: nn.Module, trainable: Mapping[str, nn.Parameter], opts: FisherOptions
+        self,
+        model: nn.Module,
+        trainable: Mapping[str, nn.Parameter],
+        opts: FisherOptions,
+        memo: bool = True,
     ) -> None:
         self.model = model
         self.trainable = dict(trainable)
@@ -58,6 +67,51 @@ class Router:
         self.why_loop = ""
         self.routes: dict[tuple[Any, ...], Route] = {}
         self._gen = torch.Generator().manual_seed(0)
+        self._verified: dict[tuple[Any, ...], _memo.RouteFacts] = {}
+        self._memo_key: tuple[Any, ...] | None = None
+        if memo and self.memo_allowed:
+            self._memo_key = _memo.fingerprint(model, self.trainable, opts.output_fn)
+            facts = _memo.recall(model, self._memo_key)
+            if facts is not None:
+                self._restore(facts)
+
+    # --- Memory across estimates (ewc._memo) -------------------------------------------
+    def _restore(self, facts: _memo.Facts) -> None:
+        self.excluded, self.clone = facts.excluded, facts.clone
+        self.prepend, self.no_expand = facts.prepend, facts.no_expand
+        self.unexpanded, self.shared = facts.unexpanded, facts.shared
+        self.generic, self._verified = facts.generic, facts.verified
+
+    def _save(self) -> None:
+        if self._memo_key is None:
+            return
+        facts = _memo.Facts(
+            self.excluded,
+            self.clone,
+            self.prepend,
+            self.no_expand,
+            self.unexpanded,
+            self.shared,
+            self.generic,
+            self._verified,
+        )
+        _memo.remember(self.model, self._memo_key, facts)
+
+    def _recalled(self, key: tuple[Any, ...], layout: Layout) -> Route | None:
+        """Return the route an earlier estimate verified for ``key``, rebuilt on this model."""
+        facts = self._verified.get(key)
+        if facts is None:
+            return None
+        part = Partition.of(self.model, self.trainable, facts.excluded)
+        return Route(
+            part,
+            layout,
+            facts.clone,
+            dict(facts.expand),
+            facts.generic,
+            dict(facts.excluded),
+            facts.how + " (in an earlier estimate of this model)",
+        )
 
     def checked(self) -> Mapping[str, Tensor]:
         """Return the parameters the probe differentiates against: those in the forward's graph.
@@ -118,16 +172,26 @@ class Router:
         for _ in range(_MAX_ROUNDS):
             layout = self.layout(inputs, size)
             key = route_key(layout, inputs, size)
-            route = self.routes.get(key) or self.candidate(layout)
+            route = self.routes.get(key) or self._recalled(key, layout) or self.candidate(layout)
             z, capture = self.run(route, inputs, size)
             if z is None or self._inconsistent(route, capture, size):
                 self.routes.pop(key, None)
+                self._verified.pop(key, None)
                 continue
             if not route.verified:
                 checked = self.probe(route, inputs, size, z)
                 if checked is None:
                     continue  # a fact changed what the capture must do: run the batch again
-                self.routes[route_key(checked.layout, inputs, size)] = checked
+                done = route_key(checked.layout, inputs, size)
+                self.routes[done] = checked
+                self._verified[done] = _memo.RouteFacts(
+                    dict(checked.excluded),
+                    checked.clone,
+                    dict(checked.expand),
+                    checked.generic,
+                    checked.verified,
+                )
+                self._save()
                 if any(capture.expanded.get(n) != checked.expand.get(n) for n in checked.fast):
                     continue  # the verified expansions differ from this pass's: run it again
                 route = checked
@@ -351,6 +415,8 @@ class Router:
             except RuntimeError as e:
                 self.generic, self.why_loop = "loop", str(e).splitlines()[0][:120]
                 self.routes.clear()  # later batches are probed again with the loop
+                self._verified.clear()
+                self._save()
         self._warn_loop(names)
         return loop_squares(*args)
 

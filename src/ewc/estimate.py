@@ -348,7 +348,7 @@ def fisher_route(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        route, _, _ = Router(model, trainable, opts).forward(inputs, batch_size(inputs))
+        route, _, _ = Router(model, trainable, opts, memo=False).forward(inputs, batch_size(inputs))
     finally:
         for m, mode in modes.items():
             m.training = mode
