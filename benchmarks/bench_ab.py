@@ -22,11 +22,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
 
-def _worker(case: str, rounds: int, lm_n: int) -> dict[str, float]:
+def _worker(case: str, rounds: int, lm_n: int, fresh: bool = False) -> dict[str, float]:
     import torch
     from torch import nn
 
@@ -34,6 +35,14 @@ def _worker(case: str, rounds: int, lm_n: int) -> dict[str, float]:
     import bench_fisher as bf
 
     import ewc
+
+    if fresh:  # forget the verified routes before every call: each call pays the probe again
+        ratio = bf._ratio
+
+        def _fresh_ratio(base: Any, fn: Any, rounds: int) -> float:
+            return ratio(base, lambda: (ewc.clear_route_cache(), fn())[1], rounds)
+
+        bf = argparse.Namespace(**{**vars(bf), "_ratio": _fresh_ratio})
 
     torch.manual_seed(0)
     out: dict[str, float] = {}
@@ -79,9 +88,10 @@ def _worker(case: str, rounds: int, lm_n: int) -> dict[str, float]:
     return out
 
 
-def _run(tree: str, case: str, rounds: int, lm_n: int) -> dict[str, float]:
+def _run(tree: str, case: str, rounds: int, lm_n: int, fresh: bool = False) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve() / "src"))
     cmd = [sys.executable, __file__, "--worker", case, "--rounds", str(rounds), "--lm-n", str(lm_n)]
+    cmd += ["--fresh"] if fresh else []
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -94,32 +104,39 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=4, help="processes per tree and case")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds inside each process")
     ap.add_argument("--lm-n", type=int, default=32, help="sequences in the LM case")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="also time the new tree with its route cache cleared before every call",
+    )
     ap.add_argument("--json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.rounds, args.lm_n)))
+        print(json.dumps(_worker(args.worker, args.rounds, args.lm_n, args.fresh)))
         return
     if not args.before:
         ap.error("--before is required")
-    trees = {"before": args.before, "after": args.after}
-    got: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
+    trees = {"before": args.before, "after": args.after, "after, fresh": args.after}
+    series = ["before", "after"] + (["after, fresh"] if args.fresh else [])
+    got: dict[str, dict[str, list[float]]] = {w: {} for w in series}
     for case in args.cases.split(","):
         for rep in range(args.reps):
-            order = ["before", "after"] if rep % 2 == 0 else ["after", "before"]
+            order = series if rep % 2 == 0 else series[::-1]
             for which in order:
-                for row, r in _run(trees[which], case, args.rounds, args.lm_n).items():
+                fresh = which == "after, fresh"
+                for row, r in _run(trees[which], case, args.rounds, args.lm_n, fresh).items():
                     got[which].setdefault(row, []).append(r)
             print(f"  {case} repetition {rep + 1}/{args.reps} done", flush=True)
-    print(f"{'row':18s} {'before':>22s} {'after':>22s}")
+    print(f"{'row':18s}" + "".join(f" {w:>22s}" for w in series))
     table = []
     for row in got["before"]:
         cells = []
-        for which in ("before", "after"):
+        for which in series:
             v = got[which][row]
             cells.append(f"{statistics.median(v):5.2f}x ({min(v):.2f}-{max(v):.2f})")
-        print(f"{row:18s} {cells[0]:>22s} {cells[1]:>22s}")
-        table.append({"row": row, "before": got["before"][row], "after": got["after"][row]})
+        print(f"{row:18s}" + "".join(f" {c:>22s}" for c in cells))
+        table.append({"row": row, **{w: got[w][row] for w in series}})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=2)

@@ -55,6 +55,12 @@ def test_default_grids_and_options():
     )
     cfg = cli._config(args)
     assert cfg.methods == ["si", "mas"] and cfg.xi == 0.001
+    args = cli._parser().parse_args(
+        ["run", "--methods", "kfac-ewc", "--kfac-rank", "7", "--out", "x"]
+    )
+    assert cli._config(args).kfac_rank == 7
+    with pytest.raises(ValueError, match="--kfac-rank"):
+        tiny(kfac_rank=0).validate()
     assert cfg.lam == {"si": [0.1, 1.0], "mas": [2.0]}
     reg = trainer.METHODS["si"](torch.nn.Linear(2, 2), 3.0, cfg)
     assert reg.c == 3.0 and reg.xi == 0.001

@@ -97,6 +97,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fisher-samples", type=int, help="data points for each Fisher estimate")
     g.add_argument("--gamma", type=float, help="online-ewc decay of old Fishers, in (0, 1]")
     g.add_argument("--xi", type=float, help="SI's damping ξ in ω / (Δ² + ξ) (default 0.1)")
+    g.add_argument(
+        "--kfac-rank", type=int, help="kfac-ewc: eigenpairs kept per task's Kronecker factor"
+    )
     g.add_argument("--seed", type=int)
     g.add_argument(
         "--seeds",

@@ -132,6 +132,8 @@ class Config:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.kfac_rank is not None and self.kfac_rank < 1:
+            raise ValueError(f"--kfac-rank must be >= 1 (or absent: all), got {self.kfac_rank}")
         if (self.epochs is None) == (self.iterations is None):
             raise ValueError("give exactly one of --epochs and --iterations")
         if self.epochs is not None and self.epochs <= 0:
