@@ -50,7 +50,8 @@ def test_a_second_estimate_reuses_the_verified_route_and_gives_the_same_fisher(p
     assert rel_err(again, naive(model, batches, "sampled", seed=0)) < 1e-9
     estimate(model, batches, "exact", seed=0)  # the kind does not enter the checks
     ewc.mas_importance(model, [a[0] for a, _, _ in batches])
-    assert len(probes) == 1
+    ewc.fisher_kfac(model, [(a[0], y) for a, _, y in batches], kind="empirical")
+    assert len(probes) == 1  # the same route serves the diagonal, MAS and KFAC
     ewc.clear_route_cache(model)
     estimate(model, batches, "sampled", seed=0)
     assert len(probes) == 2
