@@ -36,13 +36,10 @@ def _worker(case: str, rounds: int, lm_n: int, fresh: bool = False) -> dict[str,
 
     import ewc
 
-    if fresh:  # forget the verified routes before every call: each call pays the probe again
-        ratio = bf._ratio
-
-        def _fresh_ratio(base: Any, fn: Any, rounds: int) -> float:
-            return ratio(base, lambda: (ewc.clear_route_cache(), fn())[1], rounds)
-
-        bf = argparse.Namespace(**{**vars(bf), "_ratio": _fresh_ratio})
+    def ratio(base: Any, fn: Any, rounds: int) -> float:
+        if fresh:  # forget the verified routes before every call: each call pays the probe
+            return bf._ratio(base, lambda: (ewc.clear_route_cache(), fn())[1], rounds)
+        return bf._ratio(base, fn, rounds)
 
     torch.manual_seed(0)
     out: dict[str, float] = {}
@@ -61,7 +58,7 @@ def _worker(case: str, rounds: int, lm_n: int, fresh: bool = False) -> dict[str,
                 nn.functional.cross_entropy(model(xb), yb).backward()
 
         for kind in ("sampled", "empirical", "exact"):
-            out[f"{case} {kind}"] = bf._ratio(
+            out[f"{case} {kind}"] = ratio(
                 base, lambda k=kind: ewc.fisher_diagonal(model, data, kind=k), rounds
             )
         return out
@@ -81,8 +78,8 @@ def _worker(case: str, rounds: int, lm_n: int, fresh: bool = False) -> dict[str,
         preset=None,
     )
     model, batches, base = bench_lm.setup(args)
-    out[f"lm{lm_n} all"] = bf._ratio(base, lambda: hf_fisher(model, batches), rounds)
-    out[f"lm{lm_n} blocks"] = bf._ratio(
+    out[f"lm{lm_n} all"] = ratio(base, lambda: hf_fisher(model, batches), rounds)
+    out[f"lm{lm_n} blocks"] = ratio(
         base, lambda: hf_fisher(model, batches, params="transformer.h.*"), rounds
     )
     return out

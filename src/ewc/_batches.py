@@ -85,9 +85,12 @@ def _paths(spec: TreeSpec, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]
     return out
 
 
+PLAIN = (bool, int, float, str, type(None))  # values that are data, compared by value
+
+
 def _plain(value: Any) -> Any:
     """Return a non-tensor input's value if it is plain data (it may change the model's path)."""
-    return value if isinstance(value, (bool, int, float, str, type(None))) else None
+    return value if isinstance(value, PLAIN) else None
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,11 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
+from ._batches import PLAIN as _PLAIN
+
 __all__ = ["Facts", "RouteFacts", "fingerprint", "recall", "remember", "clear_route_cache"]
 
 _PER_MODEL = 8  # fingerprints remembered per model (the most recent)
-_PLAIN = (bool, int, float, str, type(None))
 _SKIP = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
 _HOOKS = (
     "_forward_hooks",
