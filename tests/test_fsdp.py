@@ -186,7 +186,19 @@ def _worker2(rank: int, outdir: str) -> None:
     ids, labels = _tokens()
     mine = slice(0, 4) if rank == 0 else slice(4, 6)  # uneven: 4 and 2 sequences
     lm = loader(ids[mine], labels[mine], 2)
-    _put(out, "gpt2", fd(gpt, lm, kind="empirical", output_fn=_logits), gpt)
+    held = []  # per batch: the most full-shape sum bytes held at once, and the sink's budget
+    close = ewc._fsdp.ShardSums.close
+
+    def recorded(sink):
+        close(sink)
+        held.append((sink.peak, sink.budget, sink.flushes))
+
+    ewc._fsdp.ShardSums.close = recorded
+    try:
+        _put(out, "gpt2", fd(gpt, lm, kind="empirical", output_fn=_logits), gpt)
+    finally:
+        ewc._fsdp.ShardSums.close = close
+    out["memory/gpt2"] = torch.tensor(held, dtype=torch.int64)
 
     reg.save(os.path.join(outdir, "fsdp_state"))  # the sharded layout, gathered tensor by tensor
     back = ewc.EWC.load(os.path.join(outdir, "plain.safetensors"), _sharded_mlp())
@@ -317,6 +329,22 @@ def test_gpt2_style_model(two):
     _check(two[1], "gpt2", want, rtol=1e-8, atol=1e-14)
 
 
+def test_no_rank_holds_the_models_full_sums(two):
+    """Each batch's full-shape sums are reduce-scattered a layer at a time, never all held."""
+    model = _gpt2()
+    sizes = [
+        sum(p.numel() * 8 for p in m.parameters(recurse=False))  # float64 accumulators
+        for m in model.modules()
+    ]
+    total = sum(p.numel() * 8 for p in model.parameters())
+    for result in two[1]:
+        held = result["memory/gpt2"]
+        assert held.shape[0] == 2  # two rounds on each rank (4 and 2 sequences, batches of 2)
+        for peak, budget, flushes in held.tolist():
+            assert 0 < peak <= budget <= max(sizes) < total / 4
+            assert flushes >= len(list(model.parameters()))  # every shard got its sums
+
+
 def _ewc_reference(prefix: str, x, y, **kw) -> dict[str, torch.Tensor]:
     model = _mlp()
     reg = ewc.EWC(model, lam=LAM, kind="exact", **kw)
@@ -345,6 +373,58 @@ def test_a_failing_rank_stops_every_rank_under_fsdp(two):
     reports = [json.loads((two[0] / f"fail{r}.json").read_text()) for r in range(2)]
     assert reports[0]["error"] is not None and reports[0] == reports[1]
     assert reports[0]["ranks"] == [1] and "label" in reports[0]["error"]
+
+
+def _worker_pass_fails(rank: int, outdir: str, failing: int) -> None:
+    """Rank ``failing``'s model raises inside its forward pass on its last batch."""
+    import time
+
+    x, y = _data()
+    model = _sharded_mlp()
+    last = x[6 * failing + 4 : 6 * failing + 6]
+
+    def hook(module, args):
+        if rank == failing and torch.equal(args[0], last):
+            raise ValueError(f"a user hook on rank {rank} rejects this batch")
+
+    model[0].register_forward_pre_hook(hook)
+    start = time.monotonic()
+    try:
+        ewc.fisher_diagonal(
+            model, loader(x[6 * rank : 6 * rank + 6], y[6 * rank : 6 * rank + 6], 2)
+        )
+        report = {"error": None}
+    except ewc_dist.RankFailure as e:
+        report = {"error": str(e), "ranks": e.ranks, "chained": type(e.__cause__).__name__}
+    report["seconds"] = time.monotonic() - start
+    with open(os.path.join(outdir, f"pass{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def test_a_rank_failing_inside_fsdps_passes_stops_every_rank(tmp_path):
+    """FSDP's collectives run inside the passes: no status round can reach the waiting rank.
+
+    The failing rank posts its error and raises at once; the other rank's collective breaks
+    when the failing process exits, and it raises the same error, read from the store.
+    """
+    spawn_gloo(_worker_pass_fails, 2, tmp_path, 1, timeout=60)
+    reports = [json.loads((tmp_path / f"pass{r}.json").read_text()) for r in range(2)]
+    for r in reports:
+        assert r["ranks"] == [1], reports
+        assert "rank 1 of 2 failed: ValueError: a user hook on rank 1 rejects" in r["error"]
+        assert r["seconds"] < 30  # not the process group's timeout (60 s here)
+    assert reports[1]["chained"] == "ValueError"  # the failing rank: its own error
+    assert reports[0]["chained"] != "ValueError"  # the waiting rank: its broken collective
+
+
+def test_a_failing_store_host_leaves_a_clear_error_too(tmp_path):
+    """Rank 0 hosts the store here (torchrun's agent hosts it there): it goes with rank 0."""
+    spawn_gloo(_worker_pass_fails, 2, tmp_path, 0, timeout=60)
+    reports = [json.loads((tmp_path / f"pass{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["ranks"] == [0] and "a user hook on rank 0" in reports[0]["error"]
+    assert reports[1]["seconds"] < 30, reports
+    err = reports[1]["error"]  # rank 0's own report if its store still answered, else:
+    assert "a user hook on rank 0" in err or "another rank failed inside a pass" in err, reports
 
 
 def test_three_ranks(three):

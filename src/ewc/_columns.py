@@ -6,11 +6,16 @@ outputs of the route's fast layers only (no weight gradients). :func:`column_gra
 column's output gradients; a consumer turns them into a quantity: :class:`DiagonalSums` into the
 closed-form sums of squared per-sample gradients of :mod:`ewc._rules`, :mod:`ewc.kfac` into
 Kronecker factors. Only one column's gradients are held at a time.
+
+:class:`DiagonalSums` adds into a ``dict`` of accumulators (one per parameter, the common case)
+or hands each contribution to a :class:`Sink` as it is formed (FSDP: each layer's full-shape
+sums are reduce-scattered into the shards instead of being held for the whole model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -20,7 +25,15 @@ from ._capture import Record
 from ._options import acc_dtype
 from ._route import Route
 
-__all__ = ["column_grads", "live_layers", "DiagonalSums"]
+__all__ = ["column_grads", "live_layers", "DiagonalSums", "Sink"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Takes each contribution to a parameter's sum as it is formed (instead of a dict)."""
+
+    def add(self, key: str, val: Tensor) -> None:
+        """Add ``val`` (the parameter's full shape) to the sum of ``key``."""
 
 
 def live_layers(route: Route, records: Mapping[str, Record], z: Tensor) -> list[str]:
@@ -65,7 +78,7 @@ class DiagonalSums:
         route: Route,
         records: Mapping[str, Record],
         z: Tensor,
-        sums: dict[str, Tensor],
+        sums: dict[str, Tensor] | Sink,
         live: list[str],
         skip: frozenset[str] = frozenset(),
     ) -> None:
@@ -76,11 +89,17 @@ class DiagonalSums:
         self.xs = {n: _as(records[n].x, acc, self.part.rules[n]) for n in self.live}
         self.squares: dict[str, Tensor] = {}
 
+    def _put(self, full: str, val: Tensor) -> None:
+        if isinstance(self.sums, dict):
+            self.sums[full] += val.to(self.sums[full].dtype)
+        else:
+            self.sums.add(full, val)
+
     def _add(self, name: str, vals: dict[str, Tensor]) -> None:
         for local, val in vals.items():
             full = self.part.names[name].get(local)
             if full is not None:  # a layer's unselected parameter (``params=``) is dropped
-                self.sums[full] += val.to(self.sums[full].dtype)
+                self._put(full, val)
 
     def column(self, grads: Mapping[str, Tensor]) -> None:
         """Add one column's contribution."""
@@ -95,12 +114,16 @@ class DiagonalSums:
         for full, lin, emb in part.ties:
             if lin in self.xs and emb in self.xs:
                 cross = _rules.tied_cross(xs[lin], grads[lin], xs[emb], grads[emb], part.fast[emb])
-                self.sums[full] += cross.to(self.sums[full].dtype)
+                self._put(full, cross)
 
     def finish(self) -> None:
         """Add the factorised layers' sums (one matmul each)."""
+        sums = self.sums
         for name, g2 in self.squares.items():
-            into = {local: self.sums[full] for local, full in self.part.names[name].items()}
+            names = self.part.names[name]
+            into = (
+                {loc: sums[full] for loc, full in names.items()} if isinstance(sums, dict) else None
+            )
             self._add(name, _rules.linear_from_sq(self.part.fast[name], self.xs[name], g2, into))
         self.squares = {}
 

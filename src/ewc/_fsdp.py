@@ -8,9 +8,10 @@ before they are used. The estimate keeps that shape:
   forms of :mod:`ewc._rules` see the **unsharded** weights of the unit being run, as in one
   process;
 * each batch's per-layer sums ``S_b`` (full layer shapes) are reduce-scattered into the
-  parameters' placements (``Partial → Shard``), so rank ``r`` accumulates only its shard
-  ``Σ_b Σ_r' S_{b,r'}[shard_r]``; parameters outside FSDP units (plain tensors) are summed on each
-  rank and all-reduced at the end, as today;
+  parameters' placements (``Partial → Shard``) as they are formed, a layer at a time
+  (:class:`ShardSums`: no rank holds more than the largest layer's full-shape sums), so rank
+  ``r`` accumulates only its shard ``Σ_b Σ_r' S_{b,r'}[shard_r]``; parameters outside FSDP units
+  (plain tensors) are summed on each rank and all-reduced at the end, as today;
 * ``F = Σ S / Σ_r N_r``: the Fisher of the union of the shards, the entries DTensors with their
   parameters' mesh and placements.
 
@@ -21,18 +22,26 @@ batch it already has (or one borrowed from another rank) with its contribution d
 batch whose input signature has no verified route yet is probed by **every** rank on that same
 batch (broadcast, no pickling), so the probe's passes and its decisions are the same on all
 ranks. A second status round after the forward pass (bad labels, non-finite outputs) comes
-before any backward pass.
+before any backward pass. A failure *inside* a pass (the model's forward, the column
+backward passes) leaves the other ranks in one of FSDP's collectives, out of reach of a status
+round: the failing rank posts its error to the process group's store and raises at once, and
+the others raise the same :class:`~ewc.distributed.RankFailure` when their collective breaks
+(:func:`_stranded`).
 
 Limits: every selected parameter needs a closed form of :mod:`ewc._rules` (the generic
 per-sample paths re-run the model per sample, which FSDP's collectives do not allow, and the
-module-local VJP of other leaf modules would call them on sharded weights); the probe holds
-one full gradient of the selected parameters for its check, and each batch's sums are full
-layer shapes until they are reduce-scattered.
+module-local VJP of other leaf modules would call them on sharded weights); the probe (the
+first batch of each input signature, on two samples) holds the selected parameters' full
+per-sample gradients and closed forms for its check (:func:`ewc._verify.check_sample`), a few
+full-model-sized tensors once, which the layer-at-a-time bound above does not cover.
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -147,6 +156,85 @@ class AllSum(torch.autograd.Function):
 
 
 # --- The estimate ----------------------------------------------------------------------------
+class ShardSums:
+    """One batch's sums for sharded parameters, reduce-scattered into the shards as they come.
+
+    The closed forms give each contribution at its layer's full (unsharded) shape. It is added
+    to a pending full-shape buffer of its parameter; before a new buffer would take the pending
+    bytes past ``budget`` (the largest fast layer's selected sharded parameters), the oldest
+    buffers are reduce-scattered (``Partial`` → the parameter's placements) into this rank's
+    shard accumulator and freed. So one layer's worth of full-shape sums is held at a time,
+    never the model's (the contribution being formed comes on top). Every rank forms the same
+    contributions in the same order (the same route, the same columns of the likelihood's
+    factor), so the reduce-scatters match across ranks. With ``K > 1`` columns (``exact``,
+    ``mc_samples > 1``) a layer whose rule is not factorised is reduce-scattered once per
+    column. Parameters outside FSDP units go to their one-process accumulators.
+
+    Args:
+        trainable: The selected parameters (sharded ones are DTensors).
+        route: The batch's route (its fast layers set the budget).
+        acc: This rank's shard accumulators, by the sharded parameters' names.
+        plain: Full accumulators of the other parameters.
+        keep: ``False`` for a repeated batch: the collectives run, the values are dropped.
+    """
+
+    def __init__(
+        self,
+        trainable: Mapping[str, Tensor],
+        route: Route,
+        acc: dict[str, Tensor],
+        plain: dict[str, Tensor],
+        keep: bool,
+    ) -> None:
+        self.trainable, self.acc, self.plain, self.keep = trainable, acc, plain, keep
+        size = {n: trainable[n].numel() * acc[n].element_size() for n in acc}
+        layers = [
+            sum(size.get(full, 0) for full in names.values())
+            for names in route.partition.names.values()
+        ]
+        self.budget = max(layers + list(size.values()) + [0])
+        self.pending: OrderedDict[str, Tensor] = OrderedDict()
+        self.held = 0
+        self.peak = 0
+        self.flushes = 0
+
+    def add(self, key: str, val: Tensor) -> None:  # noqa: D102 - see ewc._columns.Sink
+        if key not in self.acc:
+            if self.keep:
+                self.plain[key] += val.to(self.plain[key].dtype)
+            return
+        buf = self.pending.get(key)
+        if buf is not None:
+            buf += val
+            return
+        need = val.numel() * self.acc[key].element_size()
+        while self.pending and self.held + need > self.budget:
+            self._flush(next(iter(self.pending)))
+        self.pending[key] = val.to(
+            dtype=self.acc[key].dtype, memory_format=torch.contiguous_format, copy=True
+        )
+        self.held += need
+        self.peak = max(self.peak, self.held)
+
+    def close(self) -> None:
+        """Reduce-scatter what is still pending (in order)."""
+        while self.pending:
+            self._flush(next(iter(self.pending)))
+
+    def _flush(self, key: str) -> None:
+        from torch.distributed.tensor import DTensor, Partial
+
+        full = self.pending.pop(key)
+        self.held -= full.numel() * full.element_size()
+        if not self.keep:
+            full.zero_()
+        p = self.trainable[key]
+        mesh = p.device_mesh  # type: ignore[attr-defined]
+        part = DTensor.from_local(full, mesh, [Partial()] * mesh.ndim)
+        self.acc[key] += part.redistribute(mesh, p.placements).to_local()  # type: ignore[attr-defined]
+        self.flushes += 1
+
+
 def _unsharded(model: nn.Module) -> dict[int, Tensor]:
     """``id(sharded parameter) -> the unsharded parameter`` FSDP's forward pass uses."""
     from torch.distributed.fsdp import FSDPModule
@@ -281,8 +369,6 @@ def estimate(
     reduction: _dist.Reduction | None,
 ) -> Fisher:
     """Run the lockstep estimate over an FSDP2 model (see the module doc)."""
-    from torch.distributed.tensor import DTensor, Partial
-
     from .estimate import _batches, _factor, accumulate_fast
 
     if reduction is None:  # distributed=False, or a group of one rank
@@ -311,6 +397,7 @@ def estimate(
     batches = iter(_batches(data, opts, limit, device))
     seen, failure = 0, None
     spare: tuple[int, Any, Tensor | None, int] | None = None  # a batch to repeat, uncounted
+    tag = _next_tag()
     while True:
         item = None
         if failure is None:
@@ -318,47 +405,39 @@ def estimate(
                 item = next(batches, None)
             except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
                 failure = e
-        if reduction.agree(failure, active=item is not None, device=device) == 0:
-            break
-        real = item is not None
-        spare = item if real else spare
-        lacking = _flags(reduction, spare is None, device)
-        if any(lacking):  # a rank has read nothing yet: lend it the first reader's batch
-            src = lacking.index(0)
-            lent = _broadcast(spare if reduction.rank == src else None, src, reduction, device)
-            spare = spare if spare is not None else lent
-        assert spare is not None
-        idx, inputs, targets, size = item if real else spare
-        _probe_together(router, reduction, (idx, inputs, targets, size), device)
-        route = z = records = s = None
         try:
+            if reduction.agree(failure, active=item is not None, device=device) == 0:
+                break
+            real = item is not None
+            spare = item if real else spare
+            lacking = _flags(reduction, spare is None, device)
+            if any(lacking):  # a rank has read nothing yet: lend it the first reader's batch
+                src = lacking.index(0)
+                lent = _broadcast(spare if reduction.rank == src else None, src, reduction, device)
+                spare = spare if spare is not None else lent
+            assert spare is not None
+            idx, inputs, targets, size = item if real else spare
+            _probe_together(router, reduction, (idx, inputs, targets, size), device)
             route, z, records = router.forward(inputs, size)
-            if real:
-                s = _factor(z, targets, size, idx, opts)
-            else:  # the labels of a repeated batch are drawn apart from the user's generator
-                gen = torch.Generator(device=z.device).manual_seed(0)
-                s = _factor(z, targets, size, idx, throwaway.replace(generator=gen))
-        except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
-            failure = e
-        reduction.agree(failure, device=device)  # before any backward pass
-        assert route is not None and z is not None and records is not None and s is not None
-        sums: dict[str, Tensor] = {}
-        for n, p in trainable.items():
-            if n in acc:
-                sums[n] = torch.zeros(p.shape, dtype=acc[n].dtype, device=device)
-            else:
-                sums[n] = plain[n] if real else torch.zeros_like(plain[n])
-        accumulate_fast(route, records, z, s.to(z.dtype), sums)
-        del records, z
-        for n in shards:  # the batch's full layer sums, reduce-scattered into the shards
-            full = sums.pop(n)
-            if not real:
-                full.zero_()
-            p = trainable[n]
-            mesh = p.device_mesh  # type: ignore[attr-defined]
-            part = DTensor.from_local(full, mesh, [Partial()] * mesh.ndim)
-            acc[n] += part.redistribute(mesh, p.placements).to_local()  # type: ignore[attr-defined]
-            del full, part
+            s = None
+            try:
+                if real:
+                    s = _factor(z, targets, size, idx, opts)
+                else:  # the labels of a repeated batch are drawn apart from the user's generator
+                    gen = torch.Generator(device=z.device).manual_seed(0)
+                    s = _factor(z, targets, size, idx, throwaway.replace(generator=gen))
+            except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
+                failure = e
+            reduction.agree(failure, device=device)  # before any backward pass
+            assert s is not None
+            sink = ShardSums(trainable, route, acc, plain, keep=real)
+            accumulate_fast(route, records, z, s.to(z.dtype), sink)
+            del records, z
+            sink.close()
+        except _dist.RankFailure:
+            raise
+        except Exception as e:  # inside FSDP's passes: the ranks' collectives are out of step
+            raise _stranded(reduction, tag, e) from e
         seen += size if real else 0
     _reshard(model)
     seen = reduction.all_reduce(plain, seen)
@@ -376,6 +455,60 @@ def estimate(
             + "; check the data and the model's outputs"
         )
     return Fisher(out, n_samples=seen, kind=opts.kind)
+
+
+# --- A failure inside FSDP's passes ------------------------------------------------------------
+_TAGS = itertools.count()
+_WAIT_S = 5.0  # how long a rank whose collective broke waits for the failing rank's report
+_BROKEN = ("Connection closed", "Connection reset", "gloo", "NCCL", "timed out", "Timeout")
+
+
+def _next_tag() -> int:
+    """Return this FSDP estimate's number (the same on every rank: estimates run in lockstep)."""
+    return next(_TAGS)
+
+
+def _store() -> Any:
+    try:
+        return dist.distributed_c10d._get_default_store()  # noqa: SLF001 - no public accessor
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _stranded(reduction: _dist.Reduction, tag: int, error: BaseException) -> BaseException:
+    """Return the error to raise for a failure inside a forward or backward pass under FSDP.
+
+    FSDP's all-gathers and reduce-scatters run inside the passes, so a rank whose pass raised
+    has left the others waiting in a collective that no status round can reach. That rank
+    posts ``(rank, error)`` to the process group's store (the first post wins) and raises at
+    once, issuing no further collective; the other ranks' collective fails when its process
+    exits (a script's uncaught error), and each of them reads the post and raises the same
+    :class:`~ewc.distributed.RankFailure`. A rank that finds no post within a few seconds
+    reports its own error. The process group is out of step afterwards: end the job.
+    """
+    store = _store()
+    key = f"ewc/fsdp/{tag}/failure"
+    cause = _dist._describe(error)
+    broken = any(b in str(error) for b in _BROKEN)  # most likely another rank's failure
+    if broken:
+        cause = (
+            "its collective broke, most likely because another rank failed inside a pass and "
+            f"exited (no report of it could be read from the store): {cause}"
+        )
+    mine = json.dumps({"rank": reduction.rank, "cause": cause})
+    posted: bytes | str = mine
+    if store is not None:
+        if broken:
+            try:
+                store.wait([key], datetime.timedelta(seconds=_WAIT_S))
+            except Exception:  # noqa: BLE001 - no post in time: this rank's own error
+                pass
+        try:
+            posted = store.compare_set(key, "", mine) or mine
+        except Exception:  # noqa: BLE001 - the store went with the failing rank's process
+            posted = mine
+    first = json.loads(posted)
+    return _dist.RankFailure([int(first["rank"])], [str(first["cause"])], reduction.world_size)
 
 
 def _probe_together(
@@ -396,7 +529,10 @@ def _probe_together(
                 _, b_inputs, _, b_size = _broadcast(
                     item if reduction.rank == src else None, src, reduction, device
                 )
-                router.forward(b_inputs, b_size)  # the same probe, passes and decisions on all
+                try:  # the same probe, passes and decisions on all
+                    router.forward(b_inputs, b_size)
+                except Exception as e:
+                    raise RuntimeError(f"probing rank {src}'s batch: {_dist._describe(e)}") from e
     raise RuntimeError("the ranks could not agree on the routes of their batches under FSDP")
 
 

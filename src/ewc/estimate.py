@@ -37,7 +37,7 @@ from . import _fsdp
 from . import distributed as _dist
 from ._batches import batch_size, split_batch, take, to_device
 from ._capture import Record
-from ._columns import DiagonalSums, column_grads, live_layers
+from ._columns import DiagonalSums, Sink, column_grads, live_layers
 from ._options import FisherOptions, OutputFn, acc_dtype
 from ._probe import Router
 from ._route import Route
@@ -50,7 +50,11 @@ __all__ = ["fisher_diagonal", "fisher_route", "accumulate_fast"]
 
 # --- The per-batch math ------------------------------------------------------------------
 def accumulate_fast(
-    route: Route, records: Mapping[str, Record], z: Tensor, s: Tensor, sums: dict[str, Tensor]
+    route: Route,
+    records: Mapping[str, Record],
+    z: Tensor,
+    s: Tensor,
+    sums: dict[str, Tensor] | Sink,
 ) -> None:
     """Back-propagate the columns of ``s`` to the fast layers and add their closed forms.
 
