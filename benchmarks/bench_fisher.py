@@ -56,6 +56,15 @@ def _timeit(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _faults(fn: Callable[[], object]) -> float:
+    """Minor page faults of one call (fresh memory the allocator had handed back to the OS)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+
 def _ratio(base: Callable[[], object], fn: Callable[[], object], rounds: int) -> float:
     fn()  # warm-up
     ratios = []
@@ -231,24 +240,44 @@ def _returned_grads_penalty(reg):
     return _ReturnedGrads.apply(reg.lam, float(reg.offset), precs, anchors, *ps)
 
 
+def _fresh_penalty(reg):
+    """The penalty of 5ed6e9e: gradient written in place, fresh tensors for θ − μ and A ⊙ d."""
+    from ewc._quadratic import Quadratic
+
+    ps, precs, anchors = reg._operands()
+    return Quadratic.apply(reg.lam, float(reg.offset), precs, anchors, None, *ps)
+
+
+@torch.no_grad()
+def _fresh_injection(reg):
+    """add_penalty_grad of 5ed6e9e: a fresh tensor for θ − μ."""
+    ps, precs, anchors = reg._operands()
+    diffs = torch._foreach_sub(ps, anchors)
+    torch._foreach_addcmul_([p.grad for p in ps], precs, diffs, value=reg.lam)
+
+
 def penalty_rows(rounds):
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
     steps = 20
+    explicit = {
+        "returned": _returned_grads_penalty,
+        "fresh": _fresh_penalty,
+        "new": lambda reg: reg.penalty(),
+    }
+    injected = {"fresh": _fresh_injection, "new": lambda reg: reg.add_penalty_grad()}
 
-    def step(reg=None, inject=False, before=False):
+    def step(reg=None, form=None):
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
-            if reg is not None and before:
-                loss = loss + _returned_grads_penalty(reg)
-            elif reg is not None and not inject:
-                loss = loss + reg.penalty()
+            if reg is not None and form[0] == "penalty":
+                loss = loss + explicit[form[1]](reg)
             loss.backward()
-            if inject:
-                reg.add_penalty_grad()
+            if reg is not None and form[0] == "inject":
+                injected[form[1]](reg)
             opt.step()
 
     rows = []
@@ -265,14 +294,30 @@ def penalty_rows(rounds):
             reg.save(path)
             size = os.path.getsize(path)
         forms = (
-            ("penalty() before", False, True),
-            ("penalty()", False, False),
-            ("add_penalty_grad()", True, False),
+            ("penalty() returned (before issue 12)", ("penalty", "returned")),
+            ("penalty() fresh tensors (5ed6e9e)", ("penalty", "fresh")),
+            ("penalty()", ("penalty", "new")),
+            ("add_penalty_grad() fresh (5ed6e9e)", ("inject", "fresh")),
+            ("add_penalty_grad()", ("inject", "new")),
         )
-        for form, inject, before in forms:
-            ratio = _ratio(step, lambda inj=inject, b=before: step(reg, inj, b), rounds)
-            rows.append({"tasks": n_tasks, "form": form, "ratio": ratio, "state_bytes": size})
-            print(f"  tasks={n_tasks:3d} {form:20s} {ratio:6.3f}x  state file {size} bytes")
+        for name, form in forms:
+            ratio = _ratio(step, lambda f=form: step(reg, f), rounds)
+            faults = _faults(lambda f=form: step(reg, f)) / steps
+            rows.append(
+                {
+                    "tasks": n_tasks,
+                    "form": name,
+                    "ratio": ratio,
+                    "faults_per_step": faults,
+                    "state_bytes": size,
+                }
+            )
+            print(
+                f"  tasks={n_tasks:3d} {name:38s} {ratio:6.3f}x  {faults:6.0f} page faults/step"
+                f"  state file {size} bytes"
+            )
+        if n_tasks == 1:
+            print(f"  plain step: {_faults(step) / steps:.0f} page faults/step")
     return rows
 
 

@@ -386,3 +386,74 @@ def test_penalty_gradient_in_place_matches_autograd_every_way():
     reg.penalty().backward(inputs=[model[2].weight])
     assert model[0].weight.grad is None
     torch.testing.assert_close(model[2].weight.grad, want["2.weight"], rtol=1e-12, atol=0)
+
+
+# --- The reused scratch buffers (ewc._quadratic) ---------------------------------------------
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _want(model, reg):
+    """``λ A ⊙ (θ − μ)`` at the current parameters, formed here from the stored state."""
+    params = dict(model.named_parameters())
+    return {n: reg.lam * reg.precision[n] * (params[n].detach() - reg.anchor[n]) for n in params}
+
+
+def test_scratch_is_reused_across_steps_and_every_step_is_right():
+    model, reg, _ = _penalised()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = set()
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        want, value = _want(model, reg), 0.0
+        for n, p in model.named_parameters():
+            value += 0.5 * reg.lam * float((reg.precision[n] * (p - reg.anchor[n]) ** 2).sum())
+        pen = reg.penalty()
+        torch.testing.assert_close(float(pen), value + 0.5 * reg.lam * float(reg.offset))
+        pen.backward()
+        for n, g in _grads(model).items():
+            torch.testing.assert_close(g, want[n], rtol=1e-12, atol=0)
+        seen.update(id(s) for s in reg._pool.free)
+        opt.step()  # the parameters move: the next step must not see this step's buffers
+    assert len(seen) == 1 and len(reg._pool.free) == 1  # one scratch served every step
+    model.zero_grad(set_to_none=True)
+    reg.add_penalty_grad()  # the injection form takes the same scratch and gives it back
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, _want(model, reg)[n], rtol=1e-12, atol=0)
+    assert {id(s) for s in reg._pool.free} == seen
+
+
+def test_live_graphs_never_share_a_scratch():
+    model, reg, _ = _penalised()
+    want = _want(model, reg)
+    kept = reg.penalty()  # a graph not yet back-propagated
+    (reg.penalty() + reg.penalty()).backward()  # two more live at once
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, 2 * want[n], rtol=1e-12, atol=0)
+    with torch.no_grad():  # moving the parameters changes what a new pass writes
+        for p in model.parameters():
+            p.add_(0.5)
+    model.zero_grad(set_to_none=True)
+    reg.penalty().backward()
+    kept.backward()  # still its own buffers: the gradient at the old parameters
+    new = _want(model, reg)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, want[n] + new[n], rtol=1e-12, atol=1e-15)
+    with torch.no_grad():
+        assert float(reg.penalty()) == pytest.approx(float(reg.penalty().detach()), rel=1e-15)
+
+
+def test_a_retained_graph_whose_buffers_were_reused_is_refused():
+    model, reg, _ = _penalised()
+    want = _want(model, reg)
+    first = reg.penalty()
+    first.backward(retain_graph=True)
+    first.backward(retain_graph=True)  # again before any other pass: its buffers are intact
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, 2 * want[n], rtol=1e-12, atol=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    reg.penalty().backward()  # takes the scratch the first graph gave back, overwrites it
+    with pytest.raises(RuntimeError, match="reused its buffers"):
+        first.backward()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _fsdp
+from . import _quadratic as _quad
 from . import distributed as _dist
 from ._options import FisherOptions, describe_params
 from ._select import ParamSelector, select_params
@@ -170,6 +171,7 @@ class EWC:
         self.anchor: dict[str, Tensor] = {}
         self.offset = torch.zeros((), dtype=torch.float64)
         self.tasks: list[dict[str, Any]] = []
+        self._pool = _quad.Pool()  # the penalty's reused scratch buffers (ewc._quadratic)
 
     # --- The estimate's defaults -------------------------------------------------------
     @property
@@ -310,8 +312,10 @@ class EWC:
             return p0.new_zeros(())
         ps, precs, anchors = self._operands()
         if any(_fsdp.is_sharded(p) for p in ps):  # FSDP2: per-shard parts, summed over ranks
-            return _fsdp.penalty(_Quadratic.apply, self.lam, float(self.offset), ps, precs, anchors)
-        return _Quadratic.apply(self.lam, float(self.offset), precs, anchors, *ps)
+            return _fsdp.penalty(_fresh_quadratic, self.lam, float(self.offset), ps, precs, anchors)
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in ps)):
+            return _quad.value(self.lam, float(self.offset), precs, anchors, self._pool, ps)
+        return _quad.Quadratic.apply(self.lam, float(self.offset), precs, anchors, self._pool, *ps)
 
     __call__ = penalty
 
@@ -350,10 +354,16 @@ class EWC:
         for p in ps:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        diffs = torch._foreach_sub(ps, anchors)
         grads = [p.grad for p in ps]
         value = self.lam * float(scale)
+        if any(_fsdp.is_sharded(p) for p in ps):  # DTensor operations on the shards
+            diffs = torch._foreach_sub(ps, anchors)
+            torch._foreach_addcmul_(grads, precs, diffs, value=value)  # type: ignore[arg-type]
+            return
+        scratch = self._pool.take(ps, precs, anchors)  # no fresh parameter-sized tensors
+        diffs = _quad.diffs_into(scratch, ps, anchors)
         torch._foreach_addcmul_(grads, precs, diffs, value=value)  # type: ignore[arg-type]
+        self._pool.give(scratch)
 
     # --- State --------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
@@ -497,89 +507,11 @@ class EWC:
         return laplace_posterior(self, prior_precision)
 
 
-class _Quadratic(torch.autograd.Function):
-    """``(λ/2) (Σ_i A_i (θ_i − μ_i)² + c)`` with the gradient ``λ A ⊙ (θ − μ)``.
-
-    The backward pass writes the gradient in place where it can: for a parameter whose
-    gradient accumulator this pass runs (``loss.backward()``), ``λ g A ⊙ (θ − μ)`` is added to
-    its ``.grad`` right after autograd accumulates the rest of its gradient there (a
-    post-accumulate hook, which runs before DDP's reduction hooks see the gradient), or, for a
-    parameter that gets no other gradient, at the end of the pass. Nothing is allocated or
-    summed for it. Otherwise (``torch.autograd.grad``, non-leaf inputs such as FSDP's shards)
-    the gradient is returned as usual.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        lam: float,
-        offset: float,
-        precs: list[Tensor],
-        anchors: list[Tensor],
-        *params: Tensor,
-    ) -> Tensor:
-        diffs = torch._foreach_sub(list(params), anchors)
-        weighted = torch._foreach_mul(diffs, precs)  # A ⊙ (θ − μ)
-        dots = [
-            torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in zip(diffs, weighted, strict=True)
-        ]
-        ctx.lam = lam
-        ctx.weighted = weighted  # not inputs or outputs: kept on ctx, never modified
-        ctx.params = params
-        return 0.5 * lam * (torch.stack(dots).sum() + offset)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        scale = grad_out * ctx.lam
-        out: list[Tensor | None] = []
-        late: dict[int, tuple[Tensor, Tensor]] = {}
-        handles: list[Any] = []
-        for i, (p, w) in enumerate(zip(ctx.params, ctx.weighted, strict=True)):
-            if not ctx.needs_input_grad[4 + i]:
-                out.append(None)
-            elif _accumulates(p):
-                late[id(p)] = (p, w)
-                handles.append(p.register_post_accumulate_grad_hook(_adder(w, scale, late)))
-                out.append(None)
-            else:
-                out.append(w * scale)
-        if handles:
-
-            def finish() -> None:  # parameters whose accumulator got no other gradient
-                for h in handles:
-                    h.remove()
-                for p, w in late.values():
-                    if p.grad is None:
-                        p.grad = (w * scale).to(p.dtype)
-                    else:
-                        p.grad.addcmul_(w, scale)
-
-            torch.autograd.Variable._execution_engine.queue_callback(finish)
-        return (None, None, None, None, *out)
-
-
-def _accumulates(p: Tensor) -> bool:
-    """Whether the running backward pass accumulates into ``p.grad`` (a leaf it reaches)."""
-    if not p.is_leaf or not p.requires_grad:
-        return False
-    try:
-        node = torch.autograd.graph.get_gradient_edge(p).node
-        return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError):  # an older torch, or no engine running
-        return False
-
-
-def _adder(w: Tensor, scale: Tensor, late: dict[int, Any]) -> Any:
-    def hook(p: Tensor) -> None:
-        if late.pop(id(p), None) is None:
-            return
-        if p.grad is None:  # the accumulator ran with nothing else for this parameter
-            p.grad = (w * scale).to(p.dtype)
-        else:
-            p.grad.addcmul_(w, scale)
-
-    return hook
+def _fresh_quadratic(
+    lam: float, offset: float, precs: list[Tensor], anchors: list[Tensor], *params: Tensor
+) -> Tensor:
+    """Apply the quadratic on fresh tensors (FSDP's per-shard parts)."""
+    return _quad.Quadratic.apply(lam, offset, precs, anchors, None, *params)
 
 
 class L2(EWC):

@@ -43,9 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from ._options import acc_dtype
+from ._quadratic import Quadratic
 from ._select import ParamSelector, select_params
 from .fisher import Fisher
-from .penalty import EWC, _check_lam, _dtype_from_name, _Quadratic
+from .penalty import EWC, _check_lam, _dtype_from_name
 
 __all__ = ["SI"]
 
@@ -391,7 +392,7 @@ class _Recorded(torch.autograd.Function):
         *params: Tensor,
     ) -> Tensor:
         ctx.si, ctx.names = si, names
-        return _Quadratic.forward(ctx, lam, offset, precs, anchors, *params)
+        return Quadratic.forward(ctx, lam, offset, precs, anchors, None, *params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -1,0 +1,245 @@
+r"""The merged quadratic ``(λ/2) (Σ_i A_i (θ_i − μ_i)² + c)``, and the buffers its passes reuse.
+
+Both forms of the penalty are memory-bound passes over every penalised parameter: the explicit
+form (:meth:`ewc.EWC.penalty`) forms ``d = θ − μ``, ``w = A ⊙ d`` and ``Σ d·w`` in the forward
+pass and adds ``λ g w`` to ``.grad`` in the backward pass; the injection form
+(:meth:`ewc.EWC.add_penalty_grad`) forms ``d`` and adds ``λ A ⊙ d``. Fresh parameter-sized
+tensors for ``d`` and ``w`` at every step cost more than the arithmetic on a CPU (the allocator
+hands large blocks back to the system and every step faults them in again), so a
+:class:`Pool` keeps them: a :class:`Scratch` is taken for one pass and given back when the pass
+is over (the injection form: at once; the explicit form: at the end of the backward pass that
+consumed ``w``). A graph that is never back-propagated keeps its scratch, which is then freed
+with the graph; a graph back-propagated again after its scratch was reused by a later
+``penalty()`` (``retain_graph=True``) is refused, never computed from overwritten buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Pool", "Scratch", "Quadratic", "value", "diffs_into"]
+
+
+class Scratch:
+    """Buffers for one pass: ``diffs[i]`` for ``θ_i − μ_i``, ``weighted[i]`` for ``A_i ⊙ diffs[i]``.
+
+    ``weighted`` is allocated on first use (the injection form needs only ``diffs``).
+    ``uses`` counts the passes that took this scratch: a graph remembers the count of its own
+    forward pass and checks it before reading ``weighted`` in its backward pass.
+    """
+
+    __slots__ = ("key", "diffs", "weighted", "uses")
+
+    def __init__(self, key: tuple[Any, ...], diffs: list[Tensor]) -> None:
+        self.key = key
+        self.diffs = diffs
+        self.weighted: list[Tensor] | None = None
+        self.uses = 0
+
+
+def _key(params: Sequence[Tensor], precs: Sequence[Tensor], anchors: Sequence[Tensor]) -> Any:
+    return tuple(
+        (tuple(p.shape), p.device, torch.result_type(p, m), a.dtype)
+        for p, a, m in zip(params, precs, anchors, strict=True)
+    )
+
+
+class Pool:
+    """Free :class:`Scratch` buffers of one penalty, matched by the operands' shapes and dtypes."""
+
+    def __init__(self) -> None:
+        self.free: list[Scratch] = []
+
+    def take(
+        self, params: Sequence[Tensor], precs: Sequence[Tensor], anchors: Sequence[Tensor]
+    ) -> Scratch:
+        """Return a free scratch for these operands (a new one if none matches)."""
+        key = _key(params, precs, anchors)
+        for i, s in enumerate(self.free):
+            if s.key == key:
+                s = self.free.pop(i)
+                s.uses += 1
+                return s
+        dtypes = [k[2] for k in key]
+        diffs = [
+            torch.empty(p.shape, dtype=t, device=p.device)
+            for p, t in zip(params, dtypes, strict=True)
+        ]
+        s = Scratch(key, diffs)
+        s.uses = 1
+        return s
+
+    def give(self, s: Scratch) -> None:
+        """Put ``s`` back for the next pass (keeping only the most recent one per key)."""
+        if any(f is s for f in self.free):
+            return
+        self.free = [f for f in self.free if f.key != s.key] + [s]
+
+    def clear(self) -> None:
+        """Free the buffers (they are made again by the next pass)."""
+        self.free = []
+
+
+def diffs_into(s: Scratch, params: Sequence[Tensor], anchors: Sequence[Tensor]) -> list[Tensor]:
+    """Write ``θ_i − μ_i`` into ``s.diffs`` and return them."""
+    for d, p, m in zip(s.diffs, params, anchors, strict=True):
+        torch.sub(p.detach(), m, out=d)
+    return s.diffs
+
+
+class Quadratic(torch.autograd.Function):
+    """``(λ/2) (Σ_i A_i (θ_i − μ_i)² + c)`` with the gradient ``λ A ⊙ (θ − μ)``.
+
+    Called as ``Quadratic.apply(lam, offset, precs, anchors, pool, *params)``; ``pool`` is a
+    :class:`Pool` or ``None`` (fresh tensors, as for FSDP's per-shard parts).
+
+    The backward pass writes the gradient in place where it can: for a parameter whose
+    gradient accumulator this pass runs (``loss.backward()``), ``λ g A ⊙ (θ − μ)`` is added to
+    its ``.grad`` right after autograd accumulates the rest of its gradient there (a
+    post-accumulate hook, which runs before DDP's reduction hooks see the gradient), or, for a
+    parameter that gets no other gradient, at the end of the pass. Nothing is allocated or
+    summed for it. Otherwise (``torch.autograd.grad``, non-leaf inputs such as FSDP's shards)
+    the gradient is returned as usual.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        lam: float,
+        offset: float,
+        precs: list[Tensor],
+        anchors: list[Tensor],
+        pool: Pool | None,
+        *params: Tensor,
+    ) -> Tensor:
+        scratch = None if pool is None else pool.take(params, precs, anchors)
+        value, weighted = _value(lam, offset, precs, anchors, scratch, params)
+        ctx.lam = lam
+        ctx.weighted = weighted  # not inputs or outputs: kept on ctx, never modified
+        ctx.params = params
+        ctx.pool, ctx.scratch = pool, scratch
+        ctx.uses = None if scratch is None else scratch.uses
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        weighted(ctx)  # refuses buffers a later pass overwrote
+        scale = grad_out * ctx.lam
+        out: list[Tensor | None] = []
+        late: dict[int, tuple[Tensor, Tensor]] = {}
+        handles: list[Any] = []
+        for i, (p, w) in enumerate(zip(ctx.params, ctx.weighted, strict=True)):
+            if not ctx.needs_input_grad[5 + i]:
+                out.append(None)
+            elif _accumulates(p):
+                late[id(p)] = (p, w)
+                handles.append(p.register_post_accumulate_grad_hook(_adder(w, scale, late)))
+                out.append(None)
+            else:
+                out.append(w * scale)
+        if handles:
+
+            def finish() -> None:  # parameters whose accumulator got no other gradient
+                for h in handles:
+                    h.remove()
+                for p, w in late.values():
+                    if p.grad is None:
+                        p.grad = (w * scale).to(p.dtype)
+                    else:
+                        p.grad.addcmul_(w, scale)
+                release(ctx)
+
+            torch.autograd.Variable._execution_engine.queue_callback(finish)
+        else:
+            release(ctx)
+        return (None, None, None, None, None, *out)
+
+
+def value(
+    lam: float,
+    offset: float,
+    precs: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    pool: Pool,
+    params: Sequence[Tensor],
+) -> Tensor:
+    """Return the quadratic's value without a graph (``torch.no_grad()``, frozen parameters)."""
+    scratch = pool.take(params, precs, anchors)
+    with torch.no_grad():
+        out = _value(lam, offset, precs, anchors, scratch, params)[0]
+    pool.give(scratch)
+    return out
+
+
+def _value(
+    lam: float,
+    offset: float,
+    precs: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    scratch: Scratch | None,
+    params: Sequence[Tensor],
+) -> tuple[Tensor, list[Tensor]]:
+    """Return ``(λ/2) (Σ d·w + c)`` and ``w = A ⊙ d``, ``d = θ − μ`` (into ``scratch`` if given)."""
+    if scratch is None:
+        diffs = torch._foreach_sub(list(params), list(anchors))
+        weighted = torch._foreach_mul(diffs, list(precs))
+    else:
+        diffs = diffs_into(scratch, params, anchors)
+        if scratch.weighted is None:
+            scratch.weighted = [
+                torch.empty(d.shape, dtype=torch.result_type(d, a), device=d.device)
+                for d, a in zip(diffs, precs, strict=True)
+            ]
+        weighted = scratch.weighted
+        for w, d, a in zip(weighted, diffs, precs, strict=True):
+            torch.mul(d, a, out=w)
+    dots = [torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in zip(diffs, weighted, strict=True)]
+    return 0.5 * lam * (torch.stack(dots).sum() + offset), weighted
+
+
+def weighted(ctx: Any) -> list[Tensor]:
+    """Return the forward pass's ``A ⊙ (θ − μ)``; refuse it if a later pass took its buffers."""
+    if ctx.scratch is not None and ctx.scratch.uses != ctx.uses:
+        raise RuntimeError(
+            "this penalty's graph is back-propagated again after a later penalty() call reused "
+            "its buffers; compute penalty() again for each backward pass (or back-propagate "
+            "the retained graph before calling penalty() again)"
+        )
+    return ctx.weighted
+
+
+def release(ctx: Any) -> None:
+    """Give the forward pass's scratch back to its pool.
+
+    A retained graph may still read it until a later pass takes it (:func:`weighted` checks).
+    """
+    if ctx.scratch is not None:
+        ctx.pool.give(ctx.scratch)
+
+
+def _accumulates(p: Tensor) -> bool:
+    """Whether the running backward pass accumulates into ``p.grad`` (a leaf it reaches)."""
+    if not p.is_leaf or not p.requires_grad:
+        return False
+    try:
+        node = torch.autograd.graph.get_gradient_edge(p).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # an older torch, or no engine running
+        return False
+
+
+def _adder(w: Tensor, scale: Tensor, late: dict[int, Any]) -> Any:
+    def hook(p: Tensor) -> None:
+        if late.pop(id(p), None) is None:
+            return
+        if p.grad is None:  # the accumulator ran with nothing else for this parameter
+            p.grad = (w * scale).to(p.dtype)
+        else:
+            p.grad.addcmul_(w, scale)
+
+    return hook
