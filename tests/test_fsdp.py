@@ -193,12 +193,22 @@ def _worker2(rank: int, outdir: str) -> None:
         close(sink)
         held.append((sink.peak, sink.budget, sink.flushes))
 
+    checked = []  # the probe: elements of autograd's full gradients formed at once
+    group = ewc._verify._Squares.group
+
+    def counted(sq, keys, grads, trainable):
+        checked.append(sum(g.numel() for g in grads if g is not None))
+        group(sq, keys, grads, trainable)
+
     ewc._fsdp.ShardSums.close = recorded
+    ewc._verify._Squares.group = counted
     try:
         _put(out, "gpt2", fd(gpt, lm, kind="empirical", output_fn=_logits), gpt)
     finally:
         ewc._fsdp.ShardSums.close = close
+        ewc._verify._Squares.group = group
     out["memory/gpt2"] = torch.tensor(held, dtype=torch.int64)
+    out["memory/gpt2_probe"] = torch.tensor(checked, dtype=torch.int64)
 
     reg.save(os.path.join(outdir, "fsdp_state"))  # the sharded layout, gathered tensor by tensor
     back = ewc.EWC.load(os.path.join(outdir, "plain.safetensors"), _sharded_mlp())
@@ -343,6 +353,11 @@ def test_no_rank_holds_the_models_full_sums(two):
         for peak, budget, flushes in held.tolist():
             assert 0 < peak <= budget <= max(sizes) < total / 4
             assert flushes >= len(list(model.parameters()))  # every shard got its sums
+        # the probe's check: autograd's gradients one FSDP unit (a block, the root) at a time
+        probe = result["memory/gpt2_probe"].tolist()
+        block = sum(p.numel() for p in model.transformer.h[0].parameters())
+        assert len(probe) == 3 and sum(probe) == total // 8  # two blocks and the root
+        assert 0 < max(probe) <= block < total / 2
 
 
 def _ewc_reference(prefix: str, x, y, **kw) -> dict[str, torch.Tensor]:

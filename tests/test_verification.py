@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_properties import T, batches_for, build, estimate, naive, rel_err
+from test_properties import CASES, T, batches_for, build, estimate, naive, rel_err
 from torch import nn
 
 import ewc
@@ -19,7 +19,7 @@ from ewc._options import FisherOptions
 from ewc._probe import Router
 
 
-def _probe_verdicts(case, n=T):
+def _probe_verdicts(case, n=T, groups=None):
     """Run the first two checks of a fresh probe by hand: (route, [verdict per sample])."""
     model = build(case)
     args = batches_for(case, (n,))[0][0]
@@ -33,7 +33,16 @@ def _probe_verdicts(case, n=T):
     route = router.candidate(layout)  # the same route; records of every fast layer
     verdicts = [
         _verify.check_sample(
-            model, route, router.trainable, sub, z, records, router._column(z, i), i, None
+            model,
+            route,
+            router.trainable,
+            sub,
+            z,
+            records,
+            router._column(z, i),
+            i,
+            None,
+            groups=groups and groups(router.trainable),
         )
         for i in range(2)
     ]
@@ -41,6 +50,31 @@ def _probe_verdicts(case, n=T):
 
 
 # --- What each check catches -------------------------------------------------------------
+GROUPINGS = {
+    "one parameter at a time": lambda t: [[k] for k in t],
+    "one group, reversed": lambda t: [list(t)[::-1]],
+    "interleaved halves": lambda t: [list(t)[1::2], list(t)[::2]],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_square_checks_do_not_depend_on_the_grouping_of_gradients(case, monkeypatch):
+    """FSDP forms autograd's gradients one unit at a time: the routes must be the same."""
+    args = batches_for(case, (T,))[0][0]
+    inputs = args if len(args) > 1 else args[0]
+    whole = str(ewc.fisher_route(build(case), inputs))
+    for name, groups in GROUPINGS.items():
+        monkeypatch.setattr(Router, "check_groups", lambda self, g=groups: g(self.trainable))
+        assert str(ewc.fisher_route(build(case), inputs)) == whole, (case, name)
+
+
+def test_the_grouping_test_sees_failures():
+    _, verdicts = _probe_verdicts("tied-functional", groups=GROUPINGS["one parameter at a time"])
+    assert "closed form differs" in verdicts[0].failed["wte"]
+    _, verdicts = _probe_verdicts("tied-functional", groups=GROUPINGS["interleaved halves"])
+    assert "closed form differs" in verdicts[0].failed["wte"]
+
+
 def test_locality_catches_an_expanded_table_that_is_indexed():
     """wpe(arange(T)[None])[0]: forward values are right, every sample's gradient lands on row
     0 of the expanded lookup. Only the locality check sees it (the squares agree)."""
@@ -149,6 +183,7 @@ def test_without_the_probe_the_suite_fails(monkeypatch):
 
 def test_without_the_square_check_a_functional_tie_is_wrong(monkeypatch):
     monkeypatch.setattr(_verify, "rel_err", lambda *a, **k: 0.0)
+    monkeypatch.setattr(_verify, "square_err", lambda *a, **k: 0.0)
     assert _wrong("tied-functional") > 1e-3
     assert _wrong("linear-sequence-first") < 1e-9  # the locality check still catches this
 

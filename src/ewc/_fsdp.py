@@ -30,10 +30,11 @@ the others raise the same :class:`~ewc.distributed.RankFailure` when their colle
 
 Limits: every selected parameter needs a closed form of :mod:`ewc._rules` (the generic
 per-sample paths re-run the model per sample, which FSDP's collectives do not allow, and the
-module-local VJP of other leaf modules would call them on sharded weights); the probe (the
-first batch of each input signature, on two samples) holds the selected parameters' full
-per-sample gradients and closed forms for its check (:func:`ewc._verify.check_sample`), a few
-full-model-sized tensors once, which the layer-at-a-time bound above does not cover.
+module-local VJP of other leaf modules would call them on sharded weights). The probe (the
+first batch of each input signature, on two samples) forms autograd's full per-sample
+gradients for its check one FSDP unit at a time (:meth:`ShardRouter.check_groups`: one
+backward pass of the two-sample sub-batch per unit), so it holds one unit's full gradients,
+squares and closed forms at a time.
 """
 
 from __future__ import annotations
@@ -272,6 +273,20 @@ class ShardRouter(Router):
     def checked(self) -> Mapping[str, Tensor]:  # noqa: D102
         live = _unsharded(self.model)
         return {n: live.get(id(p), p) for n, p in self.trainable.items()}
+
+    def check_groups(self) -> list[list[str]] | None:  # noqa: D102 - one group per FSDP unit
+        from torch.distributed.fsdp import FSDPModule
+
+        unit: dict[int, int] = {}
+        for i, m in enumerate(self.model.modules()):
+            if isinstance(m, FSDPModule):
+                group = m._get_fsdp_state()._fsdp_param_group  # noqa: SLF001
+                for fp in [] if group is None else group.fsdp_params:
+                    unit[id(fp.sharded_param)] = i
+        groups: dict[Any, list[str]] = {}
+        for n, p in self.trainable.items():  # a parameter outside every unit: its own group
+            groups.setdefault(unit.get(id(p), ("plain", n)), []).append(n)
+        return list(groups.values())
 
     def candidate(self, layout: Any) -> Route:  # noqa: D102
         _reshard(self.model)

@@ -121,6 +121,14 @@ class Router:
         """
         return self.trainable
 
+    def check_groups(self) -> list[list[str]] | None:
+        """Return groups of parameter names whose gradients the probe forms one at a time.
+
+        ``None``: all at once (one backward pass). A subclass for sharded models groups them by
+        FSDP unit, so the probe never holds more than one unit's full gradients.
+        """
+        return None
+
     # --- Running a batch ---------------------------------------------------------------
     def layout(self, inputs: Any, size: int) -> Layout:
         """Return the layout of ``inputs`` with what is known about shared leaves."""
@@ -280,6 +288,7 @@ class Router:
                     i,
                     self.output_fn,
                     squares_too=i == m - 1,
+                    groups=self.check_groups(),
                 )
                 for i in range(m)
             ]

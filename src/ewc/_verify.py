@@ -22,7 +22,7 @@ refused. Tolerances are relative to the largest entry, by dtype (:func:`toleranc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,12 +55,25 @@ def rel_err(got: Tensor, want: Tensor, floor: float = 0.0) -> float:
     difference is formed in the wider of the two dtypes (float32 at least): its own rounding,
     one unit in the last place of the difference, is far below every :func:`tolerance`.
     """
+    return _decide(*_spread(got, want), floor)
+
+
+def _spread(got: Tensor, want: Tensor) -> tuple[float, float]:
+    """``(max |got − want|, max(|got|, |want|))`` (see :func:`rel_err`)."""
     if want.numel() == 0:
-        return 0.0
+        return 0.0, 0.0
     dt = torch.promote_types(torch.promote_types(got.dtype, want.dtype), torch.float32)
     got, want = got.detach().to(dt), want.detach().to(dt)
     stats = torch.stack([(got - want).abs().max(), got.abs().max(), want.abs().max()]).tolist()
-    diff, scale = stats[0], max(stats[1], stats[2])
+    return stats[0], max(stats[1], stats[2])
+
+
+def square_err(diff: float, scale: float, floor: float) -> float:
+    """Return the square check's relative error from :func:`_spread`'s ``(diff, scale)``."""
+    return _decide(diff, scale, floor)
+
+
+def _decide(diff: float, scale: float, floor: float) -> float:
     if diff <= floor:
         return 0.0
     return float("inf") if scale == 0.0 else diff / scale
@@ -69,6 +82,10 @@ def rel_err(got: Tensor, want: Tensor, floor: float = 0.0) -> float:
 def noise_floor(squares: list[Tensor], dtype: torch.dtype) -> float:
     """Return the rounding noise of squared gradients: ``(100 ε)²`` times the largest."""
     top = max((float(t.abs().max()) for t in squares if t.numel()), default=0.0)
+    return _floor(top, dtype)
+
+
+def _floor(top: float, dtype: torch.dtype) -> float:
     return (100 * torch.finfo(dtype).eps) ** 2 * top
 
 
@@ -120,6 +137,7 @@ def check_sample(
     i: int,
     output_fn: OutputFn | None,
     squares_too: bool = True,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> Verdict:
     """Check ``route`` with the cotangent ``c`` (non-zero in sample ``i`` only) of ``z``.
 
@@ -127,69 +145,149 @@ def check_sample(
     whose records are ``records`` (one per fast layer). With ``squares_too=False`` only the
     locality check runs (one backward pass to the layer outputs, no weight gradients): what
     the square checks test does not depend on the sample, locality does.
+
+    ``groups`` (lists of keys of ``trainable``) bound the memory of the square checks: autograd's
+    gradients of one group are formed, compared with the closed forms of the layers that own
+    them and dropped before the next group's (one backward pass per group); ``None``: one group.
+    The verdicts do not depend on the grouping (the noise floor is the largest square of all).
     """
     part = route.partition
     tol = tolerance(z.dtype)
     outs = {n: records[n].out for n in part.fast if records[n].out.requires_grad}
     keys = list(trainable) if squares_too else []
-    wrt = [*outs.values(), *(trainable[k] for k in keys)]
+    chunks = [keys] if groups is None else [[k for k in g if k in trainable] for g in groups]
+    chunks = [g for g in chunks if g] if squares_too else []
+    first = chunks[0] if chunks else []
+    wrt = [*outs.values(), *(trainable[k] for k in first)]
     if z.requires_grad and wrt:
         grads = torch.autograd.grad(z, wrt, c, retain_graph=True, allow_unused=True)
     else:  # nothing the outputs depend on is trainable here (frozen, or under no_grad)
         grads = (None,) * len(wrt)
     g_out = {n: g for n, g in zip(outs, grads[: len(outs)], strict=True) if g is not None}
-    true = {
-        k: (torch.zeros_like(trainable[k]) if g is None else g)
-        for k, g in zip(keys, grads[len(outs) :], strict=True)
-    }
-    squares = {k: t.to(acc_dtype(t.dtype)).square() for k, t in true.items()}
-    floor = noise_floor(list(squares.values()), z.dtype)
     top = max((float(g.abs().max()) for g in g_out.values() if g.numel()), default=0.0)
     leak_floor = 100 * torch.finfo(z.dtype).eps * top
     verdict = Verdict()
-    values: dict[str, dict[str, Tensor]] = {}
     grad_of: dict[str, Tensor] = {}
-    for name, module in part.fast.items():
-        rec = records[name]
-        g = g_out.get(name, torch.zeros_like(rec.out))
+    usable: list[str] = []
+    for name in part.fast:
+        g = g_out.get(name, torch.zeros_like(records[name].out))
         grad_of[name] = g
         if _leaks(g, i, tol, leak_floor):
             verdict.failed[name] = LEAK
-            continue
-        if not squares_too:
-            continue
-        try:
-            values[name] = apply_rule(part.rules[name], module, rec.x, g.unsqueeze(0))
-        except Exception as e:  # e.g. torch.func cannot trace this module alone
-            verdict.failed[name] = f"its closed form raised {type(e).__name__}: {str(e)[:100]}"
+        else:
+            usable.append(name)
     if not squares_too:
         return verdict
-    tied = {key: (lin, emb) for key, lin, emb in part.ties}
-    for key, (lin, emb) in tied.items():
-        if lin not in values or emb not in values:
-            continue
-        cross = _rules.tied_cross(
-            records[lin].x.to(acc_dtype(z.dtype)),
-            grad_of[lin].to(acc_dtype(z.dtype)),
-            records[emb].x,
-            grad_of[emb].to(acc_dtype(z.dtype)),
-            part.fast[emb],
-        )
-        total = values[lin]["weight"] + values[emb]["weight"] + cross
-        err = rel_err(total, squares[key].to(total.dtype), floor)
+    sq = _Squares(part, records, grad_of, usable, z.dtype, verdict)
+    sq.group(first, grads[len(outs) :], trainable)
+    for group in chunks[1:]:
+        wanted = [trainable[k] for k in group]
+        if z.requires_grad:
+            gs = torch.autograd.grad(z, wanted, c, retain_graph=True, allow_unused=True)
+        else:
+            gs = (None,) * len(wanted)
+        sq.group(group, gs, trainable)
+    floor = _floor(sq.top, z.dtype)  # noise_floor of all the squares
+    for name, pairs in sq.spread.items():
+        err = max(square_err(diff, scale, floor) for diff, scale in pairs)
         if err > tol:
-            verdict.failed[lin] = verdict.failed[emb] = DIFFERS.format(err)
-    for name, vals in values.items():
-        for local, full in part.names[name].items():
-            if full in tied:
-                continue
-            got = vals.get(local)
-            err = 1.0 if got is None else rel_err(got, squares[full], floor)
-            if err > tol:
-                verdict.failed[name] = DIFFERS.format(err)
+            verdict.failed[name] = DIFFERS.format(err)
+    for name in sq.missing:
+        verdict.failed[name] = DIFFERS.format(1.0)
     if part.rest:
-        verdict.generic = _check_generic(model, route, sub, c, squares, output_fn, tol, floor)
+        verdict.generic = _check_generic(model, route, sub, c, sq.rest, output_fn, tol, floor)
     return verdict
+
+
+class _Squares:
+    """The square checks of :func:`check_sample`, one group of autograd's gradients at a time.
+
+    For each layer ``(max |closed form − autograd|, scale)`` of each of its parameters is kept
+    (a tied weight's total over its two layers is charged to both), and the largest square
+    seen; the verdicts are decided once every group has been seen.
+    """
+
+    def __init__(
+        self,
+        part: Any,
+        records: Mapping[str, Record],
+        grad_of: Mapping[str, Tensor],
+        usable: list[str],
+        dtype: torch.dtype,
+        verdict: Verdict,
+    ) -> None:
+        self.part, self.records, self.grad_of, self.dtype = part, records, grad_of, dtype
+        self.usable, self.verdict = set(usable), verdict
+        self.owner = {full: name for name, ns in part.names.items() for full in ns.values()}
+        self.tied = {key: (lin, emb) for key, lin, emb in part.ties}
+        self.spread: dict[str, list[tuple[float, float]]] = {}
+        self.missing: set[str] = set()  # layers whose rule gave nothing for a parameter
+        self.rest: dict[str, Tensor] = {}  # squares of the generic path's parameters
+        self.top = 0.0
+
+    def _values(self, name: str, cache: dict[str, dict[str, Tensor] | None]) -> Any:
+        """Return one layer's closed form (``None`` if it raised: the verdict says why)."""
+        if name not in cache:
+            rec, part = self.records[name], self.part
+            try:
+                cache[name] = apply_rule(
+                    part.rules[name], part.fast[name], rec.x, self.grad_of[name].unsqueeze(0)
+                )
+            except Exception as e:  # e.g. torch.func cannot trace this module alone
+                self.verdict.failed[name] = (
+                    f"its closed form raised {type(e).__name__}: {str(e)[:100]}"
+                )
+                cache[name] = None
+        return cache[name]
+
+    def _charge(self, names: tuple[str, ...], diff: float, scale: float) -> None:
+        for name in names:
+            self.spread.setdefault(name, []).append((diff, scale))
+
+    def group(
+        self, keys: list[str], grads: Sequence[Tensor | None], trainable: Mapping[str, Tensor]
+    ) -> None:
+        """Compare the closed forms with autograd's gradients of ``keys`` (then dropped)."""
+        cache: dict[str, dict[str, Tensor] | None] = {}
+        acc = acc_dtype(self.dtype)
+        for key, g in zip(keys, grads, strict=True):
+            true = torch.zeros_like(trainable[key]) if g is None else g
+            square = true.to(acc_dtype(true.dtype)).square()
+            del true
+            if square.numel():
+                self.top = max(self.top, float(square.abs().max()))
+            if key in self.part.rest:
+                self.rest[key] = square
+                continue
+            if key in self.tied:
+                lin, emb = self.tied[key]
+                if not (lin in self.usable and emb in self.usable):
+                    continue
+                vl, ve = self._values(lin, cache), self._values(emb, cache)
+                if vl is None or ve is None:
+                    continue
+                cross = _rules.tied_cross(
+                    self.records[lin].x.to(acc),
+                    self.grad_of[lin].to(acc),
+                    self.records[emb].x,
+                    self.grad_of[emb].to(acc),
+                    self.part.fast[emb],
+                )
+                total = vl["weight"] + ve["weight"] + cross
+                self._charge((lin, emb), *_spread(total, square.to(total.dtype)))
+                continue
+            name = self.owner.get(key)
+            if name is None or name not in self.usable:
+                continue
+            vals = self._values(name, cache)
+            if vals is None:
+                continue
+            local = next(loc for loc, full in self.part.names[name].items() if full == key)
+            got = vals.get(local)
+            if got is None:
+                self.missing.add(name)
+            else:
+                self._charge((name,), *_spread(got, square))
 
 
 def _check_generic(
