@@ -457,3 +457,40 @@ def test_a_retained_graph_whose_buffers_were_reused_is_refused():
     reg.penalty().backward()  # takes the scratch the first graph gave back, overwrites it
     with pytest.raises(RuntimeError, match="reused its buffers"):
         first.backward()
+
+
+def test_scratch_sums_every_dtype_group():
+    # a float64 layer and a float32 one: θ − μ lives in two flat buffers, one dot product each
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4).double(), nn.Linear(4, 2).float())
+    reg = ewc.EWC(model, lam=1.5)
+    reg.consolidate(fisher=_fake_fisher(model, [n for n, _ in model.named_parameters()], 1))
+    _move(model, 2)
+    value = sum(
+        0.5 * reg.lam * float((reg.precision[n].double() * (p.double() - reg.anchor[n]) ** 2).sum())
+        for n, p in model.named_parameters()
+    )
+    pen = reg.penalty()
+    pen.backward()
+    (scratch,) = reg._pool.free
+    assert len(scratch.groups) == 2
+    assert float(pen) == pytest.approx(value, rel=1e-6)
+    for n, g in _grads(model).items():
+        assert g.dtype == dict(model.named_parameters())[n].dtype
+        torch.testing.assert_close(g, _want(model, reg)[n])
+
+
+def test_a_replaced_parameter_is_penalised_and_the_old_one_let_go():
+    import gc
+    import weakref
+
+    model, reg, _ = _penalised()
+    reg.penalty().backward()  # the pool now knows each parameter's gradient accumulator
+    old = weakref.ref(model[0].weight)
+    with torch.no_grad():
+        model[0].weight = nn.Parameter(model[0].weight + 0.25)
+    model.zero_grad(set_to_none=True)
+    reg.penalty().backward()
+    torch.testing.assert_close(model[0].weight.grad, _want(model, reg)["0.weight"])
+    gc.collect()
+    assert old() is None  # no reference kept to the replaced parameter

@@ -11,10 +11,16 @@ is over (the injection form: at once; the explicit form: at the end of the backw
 consumed ``w``). A graph that is never back-propagated keeps its scratch, which is then freed
 with the graph; a graph back-propagated again after its scratch was reused by a later
 ``penalty()`` (``retain_graph=True``) is refused, never computed from overwritten buffers.
+
+Each scratch is one flat buffer per dtype group, with a view per parameter, so the forward
+pass's ``Σ d·w`` is a single dot product; the backward pass remembers each parameter's
+gradient accumulator between steps rather than looking it up again. Measured in
+``benchmarks/bench_fisher.py --penalty-only`` (``BENCHMARKS.md``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,23 +33,56 @@ __all__ = ["Pool", "Scratch", "Quadratic", "value", "diffs_into"]
 class Scratch:
     """Buffers for one pass: ``diffs[i]`` for ``θ_i − μ_i``, ``weighted[i]`` for ``A_i ⊙ diffs[i]``.
 
-    ``weighted`` is allocated on first use (the injection form needs only ``diffs``).
-    ``uses`` counts the passes that took this scratch: a graph remembers the count of its own
-    forward pass and checks it before reading ``weighted`` in its backward pass.
+    The buffers are views of one flat tensor per (device, dtypes) group, so that ``Σ d·w`` is one
+    dot product per group rather than one per parameter. ``weighted`` is allocated on first use
+    (the injection form needs only ``diffs``). ``uses`` counts the passes that took this
+    scratch: a graph remembers the count of its own forward pass and checks it before reading
+    ``weighted`` in its backward pass.
     """
 
-    __slots__ = ("key", "diffs", "weighted", "uses")
+    __slots__ = ("key", "groups", "diffs", "weighted", "flat_diffs", "flat_weighted", "uses")
 
-    def __init__(self, key: tuple[Any, ...], diffs: list[Tensor]) -> None:
+    def __init__(self, key: tuple[Any, ...]) -> None:
         self.key = key
-        self.diffs = diffs
+        groups: dict[Any, list[int]] = {}
+        for i, (_, device, p_dtype, m_dtype, a_dtype) in enumerate(key):
+            dtype = torch.promote_types(p_dtype, m_dtype)  # of θ − μ (same shapes)
+            groups.setdefault((device, dtype, torch.promote_types(dtype, a_dtype)), []).append(i)
+        self.groups = list(groups.items())  # [((device, d dtype, w dtype), indices)]
+        self.flat_diffs, self.diffs = self._views(0)
+        self.flat_weighted: list[Tensor] | None = None
         self.weighted: list[Tensor] | None = None
         self.uses = 0
 
+    def _views(self, which: int) -> tuple[list[Tensor], list[Tensor]]:
+        """One flat buffer per group (``which``: 0 diffs' dtype, 1 weighted's) and its views."""
+        flats: list[Tensor] = []
+        views: list[Tensor | None] = [None] * len(self.key)
+        for (device, *dtypes), idx in self.groups:
+            sizes = [math.prod(self.key[i][0]) for i in idx]
+            flat = torch.empty(sum(sizes), dtype=dtypes[which], device=device)
+            flats.append(flat)
+            for i, v in zip(idx, flat.split(sizes), strict=True):
+                views[i] = v.view(self.key[i][0])
+        return flats, views  # type: ignore[return-value]
+
+    def weighted_buffers(self) -> list[Tensor]:
+        """Return ``weighted`` (allocated on first use)."""
+        if self.weighted is None:
+            self.flat_weighted, self.weighted = self._views(1)
+        return self.weighted
+
+    def dot(self) -> Tensor:
+        """Return ``Σ_i diffs[i] · weighted[i]``, one dot product per group."""
+        assert self.flat_weighted is not None
+        dots = [torch.dot(d, w) for d, w in zip(self.flat_diffs, self.flat_weighted, strict=True)]
+        return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
+
 
 def _key(params: Sequence[Tensor], precs: Sequence[Tensor], anchors: Sequence[Tensor]) -> Any:
+    """Shape, device and the dtypes of ``θ``, ``μ`` and ``A``, per parameter."""
     return tuple(
-        (tuple(p.shape), p.device, torch.result_type(p, m), a.dtype)
+        (p.shape, p.device, p.dtype, m.dtype, a.dtype)
         for p, a, m in zip(params, precs, anchors, strict=True)
     )
 
@@ -53,6 +92,9 @@ class Pool:
 
     def __init__(self) -> None:
         self.free: list[Scratch] = []
+        # each penalised leaf's gradient accumulator, by id (the node holds its parameter, so an
+        # id is not reused while it is here); rebuilt by every backward pass from its inputs
+        self.nodes: dict[int, Any] = {}
 
     def take(
         self, params: Sequence[Tensor], precs: Sequence[Tensor], anchors: Sequence[Tensor]
@@ -64,12 +106,7 @@ class Pool:
                 s = self.free.pop(i)
                 s.uses += 1
                 return s
-        dtypes = [k[2] for k in key]
-        diffs = [
-            torch.empty(p.shape, dtype=t, device=p.device)
-            for p, t in zip(params, dtypes, strict=True)
-        ]
-        s = Scratch(key, diffs)
+        s = Scratch(key)
         s.uses = 1
         return s
 
@@ -86,8 +123,9 @@ class Pool:
 
 def diffs_into(s: Scratch, params: Sequence[Tensor], anchors: Sequence[Tensor]) -> list[Tensor]:
     """Write ``θ_i − μ_i`` into ``s.diffs`` and return them."""
-    for d, p, m in zip(s.diffs, params, anchors, strict=True):
-        torch.sub(p.detach(), m, out=d)
+    with torch.no_grad():
+        for d, p, m in zip(s.diffs, params, anchors, strict=True):
+            torch.sub(p, m, out=d)
     return s.diffs
 
 
@@ -133,15 +171,18 @@ class Quadratic(torch.autograd.Function):
         out: list[Tensor | None] = []
         late: dict[int, tuple[Tensor, Tensor]] = {}
         handles: list[Any] = []
+        nodes: dict[int, Any] | None = None if ctx.pool is None else {}
         for i, (p, w) in enumerate(zip(ctx.params, ctx.weighted, strict=True)):
             if not ctx.needs_input_grad[5 + i]:
                 out.append(None)
-            elif _accumulates(p):
+            elif _accumulates(p, None if ctx.pool is None else ctx.pool.nodes, nodes):
                 late[id(p)] = (p, w)
                 handles.append(p.register_post_accumulate_grad_hook(_adder(w, scale, late)))
                 out.append(None)
             else:
                 out.append(w * scale)
+        if nodes is not None:
+            ctx.pool.nodes = nodes
         if handles:
 
             def finish() -> None:  # parameters whose accumulator got no other gradient
@@ -185,21 +226,20 @@ def _value(
     params: Sequence[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
     """Return ``(λ/2) (Σ d·w + c)`` and ``w = A ⊙ d``, ``d = θ − μ`` (into ``scratch`` if given)."""
-    if scratch is None:
-        diffs = torch._foreach_sub(list(params), list(anchors))
-        weighted = torch._foreach_mul(diffs, list(precs))
-    else:
+    if scratch is not None:
         diffs = diffs_into(scratch, params, anchors)
-        if scratch.weighted is None:
-            scratch.weighted = [
-                torch.empty(d.shape, dtype=torch.result_type(d, a), device=d.device)
-                for d, a in zip(diffs, precs, strict=True)
-            ]
-        weighted = scratch.weighted
+        weighted = scratch.weighted_buffers()
         for w, d, a in zip(weighted, diffs, precs, strict=True):
             torch.mul(d, a, out=w)
-    dots = [torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in zip(diffs, weighted, strict=True)]
-    return 0.5 * lam * (torch.stack(dots).sum() + offset), weighted
+        total = scratch.dot()  # a new tensor: scaled in place
+    else:
+        diffs = torch._foreach_sub(list(params), list(anchors))
+        weighted = torch._foreach_mul(diffs, list(precs))
+        pairs = zip(diffs, weighted, strict=True)
+        total = torch.stack([torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in pairs]).sum()
+    if offset:
+        total.add_(offset)
+    return total.mul_(0.5 * lam), weighted
 
 
 def weighted(ctx: Any) -> list[Tensor]:
@@ -222,12 +262,21 @@ def release(ctx: Any) -> None:
         ctx.pool.give(ctx.scratch)
 
 
-def _accumulates(p: Tensor) -> bool:
-    """Whether the running backward pass accumulates into ``p.grad`` (a leaf it reaches)."""
+def _accumulates(
+    p: Tensor, known: dict[int, Any] | None = None, seen: dict[int, Any] | None = None
+) -> bool:
+    """Whether the running backward pass accumulates into ``p.grad`` (a leaf it reaches).
+
+    ``known`` holds gradient accumulators found before (by ``id``), ``seen`` collects them.
+    """
     if not p.is_leaf or not p.requires_grad:
         return False
     try:
-        node = torch.autograd.graph.get_gradient_edge(p).node
+        node = None if known is None else known.get(id(p))
+        if node is None:
+            node = torch.autograd.graph.get_gradient_edge(p).node
+        if seen is not None:
+            seen[id(p)] = node
         return bool(torch._C._will_engine_execute_node(node))
     except (AttributeError, RuntimeError):  # an older torch, or no engine running
         return False
