@@ -2,7 +2,9 @@
 
 Every figure is a ratio measured side by side in one run: each round times the baseline (one
 batched forward+backward pass of the mean cross-entropy over all the data, batch 256) right
-before the method, and the table reports the median ratio over rounds. Competitors (BackPACK,
+before the method, and the table reports the median ratio over rounds (the penalty rows: one
+training step of every form per round, in a random order, 20 rounds per ``--rounds``, each
+form's median step time over the plain step's). Competitors (BackPACK,
 nngeometry) are timed when importable; install them with ``pip install --no-deps
 backpack-for-pytorch einops unfoldNd nngeometry`` (their torchvision requirement must not come
 in).
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 import ewc
+from ewc._quadratic import Pool
 
 
 def mlp() -> nn.Module:
@@ -256,12 +259,56 @@ def _fresh_injection(reg):
     torch._foreach_addcmul_([p.grad for p in ps], precs, diffs, value=reg.lam)
 
 
-def penalty_rows(rounds):
+def _interleaved(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each step, the steps run in a new random order every round.
+
+    One call of each per round, so that a burst of load on this shared machine falls on every
+    form alike; the medians over all rounds are what the ratios compare.
+    """
+    import random
+
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up: scratch buffers, allocator, caches
+        for _ in range(5):
+            fn()
+    for _ in range(rounds):
+        order = list(steps)
+        rng.shuffle(order)
+        for k in order:
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def wide() -> nn.Module:
+    """A layer of 8.4M weights (33.5 MB in float32): above glibc's largest mmap threshold
+    (32 MiB), so every fresh tensor of its size is new memory from the OS, faulted in."""
+    return nn.Sequential(nn.Linear(4096, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+@torch.no_grad()
+def _arithmetic_only(reg, scratch):
+    """The explicit form's tensor work with no autograd: ``d = θ − μ``, ``w = A ⊙ d``, ``Σ d·w``
+    (flat), then ``.grad += λ w`` after the backward pass: the floor for any explicit form made
+    of separate (unfused) operations. Returns the value and a function adding the gradient."""
+    ps, precs, anchors = reg._operands()
+    for d, p, m in zip(scratch.diffs, ps, anchors, strict=True):
+        torch.sub(p, m, out=d)
+    ws = scratch.weighted_buffers()
+    for w, d, a in zip(ws, scratch.diffs, precs, strict=True):
+        torch.mul(d, a, out=w)
+    value = scratch.dot().mul_(0.5 * reg.lam)
+    return value, lambda: torch._foreach_add_([p.grad for p in ps], ws, alpha=reg.lam)
+
+
+def penalty_rows(rounds, label="MLP", model=None, batch=256, task_counts=(1, 10, 100)):
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp() if model is None else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
-    steps = 20
+    n_in = model[0].in_features
+    x, y = torch.randn(batch, n_in), torch.randint(0, 10, (batch,))
     explicit = {
         "returned": _returned_grads_penalty,
         "fresh": _fresh_penalty,
@@ -270,54 +317,68 @@ def penalty_rows(rounds):
     injected = {"fresh": _fresh_injection, "new": lambda reg: reg.add_penalty_grad()}
 
     def step(reg=None, form=None):
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            if reg is not None and form[0] == "penalty":
-                loss = loss + explicit[form[1]](reg)
-            loss.backward()
-            if reg is not None and form[0] == "inject":
-                injected[form[1]](reg)
-            opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if reg is not None and form[0] == "penalty":
+            loss = loss + explicit[form[1]](reg)
+        if reg is not None and form[0] == "floor":
+            value, add = _arithmetic_only(reg, floor_scratch)
+            loss = loss + value
+        loss.backward()
+        if reg is not None and form[0] == "inject":
+            injected[form[1]](reg)
+        if reg is not None and form[0] == "floor":
+            add()
+        opt.step()
 
     rows = []
     gen = torch.Generator().manual_seed(0)
     reg = ewc.EWC(model, lam=1.0)
+    floor_scratch = None
     done = 0
-    for n_tasks in (1, 10, 100):
+    forms = (
+        ("penalty() returned (before issue 12)", ("penalty", "returned")),
+        ("penalty() fresh tensors (5ed6e9e)", ("penalty", "fresh")),
+        ("penalty()", ("penalty", "new")),
+        ("explicit arithmetic only (floor)", ("floor", None)),
+        ("add_penalty_grad() fresh (5ed6e9e)", ("inject", "fresh")),
+        ("add_penalty_grad()", ("inject", "new")),
+    )
+    for n_tasks in task_counts:
         while done < n_tasks:
             f = {k: torch.rand(p.shape, generator=gen) for k, p in model.named_parameters()}
             reg.consolidate(fisher=f)
             done += 1
+        ops = reg._operands()
+        floor_scratch = Pool().take(*ops)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "s.safetensors")
             reg.save(path)
             size = os.path.getsize(path)
-        forms = (
-            ("penalty() returned (before issue 12)", ("penalty", "returned")),
-            ("penalty() fresh tensors (5ed6e9e)", ("penalty", "fresh")),
-            ("penalty()", ("penalty", "new")),
-            ("add_penalty_grad() fresh (5ed6e9e)", ("inject", "fresh")),
-            ("add_penalty_grad()", ("inject", "new")),
-        )
+        fns = {"plain": step} | {name: (lambda f=form: step(reg, f)) for name, form in forms}
+        med = _interleaved(fns, rounds * 20)
+        print(f"  {label} tasks={n_tasks:3d} plain step {med['plain'] * 1e3:.2f} ms (median)"
+              f", {_faults(lambda: [step() for _ in range(20)]) / 20:.0f} page faults/step")
         for name, form in forms:
-            ratio = _ratio(step, lambda f=form: step(reg, f), rounds)
-            faults = _faults(lambda f=form: step(reg, f)) / steps
+            ratio = med[name] / med["plain"]
+            faults = _faults(lambda f=form: [step(reg, f) for _ in range(20)]) / 20
             rows.append(
                 {
+                    "model": label,
+                    "batch": batch,
                     "tasks": n_tasks,
                     "form": name,
                     "ratio": ratio,
+                    "overhead_us": (med[name] - med["plain"]) * 1e6,
                     "faults_per_step": faults,
                     "state_bytes": size,
                 }
             )
             print(
-                f"  tasks={n_tasks:3d} {name:38s} {ratio:6.3f}x  {faults:6.0f} page faults/step"
+                f"  {label} tasks={n_tasks:3d} {name:38s} {ratio:6.3f}x"
+                f"  (+{(med[name] - med['plain']) * 1e6:4.0f} us)  {faults:5.0f} page faults/step"
                 f"  state file {size} bytes"
             )
-        if n_tasks == 1:
-            print(f"  plain step: {_faults(step) / steps:.0f} page faults/step")
     return rows
 
 
@@ -337,6 +398,7 @@ def main() -> None:
         rows += fisher_rows("CNN", cnn(), 500 if args.quick else 2000, (1, 28, 28), rounds,
                             args.quick)
     prow = penalty_rows(rounds)
+    prow += penalty_rows(max(1, rounds // 5), "wide", wide(), batch=32, task_counts=(1,))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"fisher": rows, "penalty": prow, "torch": torch.__version__}, f, indent=1)
