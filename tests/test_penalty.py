@@ -494,3 +494,126 @@ def test_a_replaced_parameter_is_penalised_and_the_old_one_let_go():
     torch.testing.assert_close(model[0].weight.grad, _want(model, reg)["0.weight"])
     gc.collect()
     assert old() is None  # no reference kept to the replaced parameter
+
+
+# --- Hooks on the parameters: the penalty's gradient is seen as autograd would give it -----
+def _reference_grads(model, reg, x, mask=None):
+    """``∇ (Σ model(x) + penalty)`` with the penalty written out in plain autograd."""
+    loss = model(x).sum()
+    for n, p in model.named_parameters():
+        loss = loss + 0.5 * reg.lam * (reg.precision[n] * (p - reg.anchor[n]) ** 2).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return [g if mask is None else g * mask[i] for i, g in enumerate(grads)]
+
+
+@pytest.mark.parametrize("penalty_first", [False, True])
+def test_a_post_accumulate_hook_sees_the_whole_gradient(penalty_first):
+    # PyTorch's "optimizer step in the backward pass" recipe reads .grad in such a hook
+    model, reg, _ = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = _reference_grads(model, reg, x)
+    seen = {}
+    for i, p in enumerate(model.parameters()):
+        p.register_post_accumulate_grad_hook(lambda p, i=i: seen.__setitem__(i, p.grad.clone()))
+    for _ in range(2):  # the second time with the accumulators remembered
+        seen.clear()
+        model.zero_grad(set_to_none=True)
+        task = model(x).sum()
+        (reg.penalty() + task if penalty_first else task + reg.penalty()).backward()
+        for i, p in enumerate(model.parameters()):
+            torch.testing.assert_close(seen[i], want[i], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(p.grad, want[i], rtol=1e-12, atol=1e-15)
+
+
+def test_a_gradient_mask_masks_the_penalty_gradient_too():
+    model, reg, _ = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    mask = [(torch.rand(p.shape, generator=gen) < 0.5).double() for p in model.parameters()]
+    want = _reference_grads(model, reg, x, mask)
+    for m, p in zip(mask, model.parameters(), strict=True):
+        p.register_hook(lambda g, m=m: g * m)  # pruning: masked weights get no gradient
+    (model(x).sum() + reg.penalty()).backward()
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+
+
+def test_an_accumulator_hook_like_ddps_sees_the_whole_gradient():
+    # DDP and DeepSpeed hook the gradient accumulator node: it runs after the in-place addition
+    model, reg, _ = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = _reference_grads(model, reg, x)
+    seen, keep = {}, []
+    for i, p in enumerate(model.parameters()):
+        node = torch.autograd.graph.get_gradient_edge(p).node
+        keep.append(node)
+        node.register_hook(lambda gi, go, i=i, p=p: seen.__setitem__(i, p.grad.clone()))
+    (model(x).sum() + reg.penalty()).backward()
+    for i, p in enumerate(model.parameters()):
+        torch.testing.assert_close(seen[i], want[i], rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(p.grad, want[i], rtol=1e-12, atol=1e-15)
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())  # none left
+
+
+def test_a_failed_backward_pass_leaves_nothing_behind():
+    model, reg, _ = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = _reference_grads(model, reg, x)
+    hidden = model[0](x)
+
+    def fail(g):
+        raise RuntimeError("boom")
+
+    hidden.register_hook(fail)  # raises after the penalty's backward has run
+    with pytest.raises(RuntimeError, match="boom"):
+        (model[2](model[1](hidden)).sum() + reg.penalty()).backward()
+    model.zero_grad(set_to_none=True)
+    task = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    model(x).sum().backward()  # a pass without the penalty: the failed pass's hooks stay idle
+    for p, g in zip(model.parameters(), task, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        (model(x).sum() + reg.penalty()).backward()  # no stale penalty gradient added
+        for p, w in zip(model.parameters(), want, strict=True):
+            torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+        # the next penalty() removed the failed pass's hooks: nothing left on the parameters
+        assert not reg._pool.running
+        assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_parameters_inside_checkpointed_blocks_get_the_penalty_gradient(reentrant):
+    # reentrant checkpointing accumulates the block's gradients in a nested backward pass
+    from torch.utils.checkpoint import checkpoint
+
+    model, reg, _ = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    want = _reference_grads(model, reg, x)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        hidden = checkpoint(lambda t: model[1](model[0](t)), x, use_reentrant=reentrant)
+        (model[2](hidden).sum() + reg.penalty()).backward()
+        for p, w in zip(model.parameters(), want, strict=True):
+            torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+        assert not reg._pool.running
+
+
+def test_without_visible_hooks_every_gradient_goes_through_autograd(monkeypatch):
+    from ewc import _quadratic
+
+    model, reg, _ = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = _reference_grads(model, reg, x)
+    monkeypatch.setattr(_quadratic, "_HOOKS_VISIBLE", [False])  # a torch that hides them
+    registered = []
+    real = torch.Tensor.register_post_accumulate_grad_hook
+    monkeypatch.setattr(
+        torch.Tensor,
+        "register_post_accumulate_grad_hook",
+        lambda self, hook: registered.append(hook) or real(self, hook),
+    )
+    (model(x).sum() + reg.penalty()).backward()
+    assert not registered
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)

@@ -95,6 +95,13 @@ class Pool:
         # each penalised leaf's gradient accumulator, by id (the node holds its parameter, so an
         # id is not reused while it is here); rebuilt by every backward pass from its inputs
         self.nodes: dict[int, Any] = {}
+        self.running: dict[int, _Pass] = {}  # backward passes with hooks not yet removed
+
+    def sweep(self) -> None:
+        """Remove the hooks of passes that failed (called outside any backward pass)."""
+        if self.running and _graph_task() < 0:
+            for run in list(self.running.values()):
+                run.close()
 
     def take(
         self, params: Sequence[Tensor], precs: Sequence[Tensor], anchors: Sequence[Tensor]
@@ -135,13 +142,17 @@ class Quadratic(torch.autograd.Function):
     Called as ``Quadratic.apply(lam, offset, precs, anchors, pool, *params)``; ``pool`` is a
     :class:`Pool` or ``None`` (fresh tensors, as for FSDP's per-shard parts).
 
-    The backward pass writes the gradient in place where it can: for a parameter whose
-    gradient accumulator this pass runs (``loss.backward()``), ``λ g A ⊙ (θ − μ)`` is added to
-    its ``.grad`` right after autograd accumulates the rest of its gradient there (a
-    post-accumulate hook, which runs before DDP's reduction hooks see the gradient), or, for a
+    The backward pass writes the gradient in place where that is the same as returning it: for
+    a parameter whose gradient accumulator this pass runs (``loss.backward()``) and that carries
+    no hooks of its own, ``λ g A ⊙ (θ − μ)`` is added to its ``.grad`` right after autograd
+    accumulates the rest of its gradient there (a post-accumulate hook; the hooks that DDP and
+    DeepSpeed put on the accumulator node run after it and see the whole gradient), or, for a
     parameter that gets no other gradient, at the end of the pass. Nothing is allocated or
-    summed for it. Otherwise (``torch.autograd.grad``, non-leaf inputs such as FSDP's shards)
-    the gradient is returned as usual.
+    summed for it. Otherwise the gradient is returned, and autograd adds it to the rest before
+    any hook sees it: ``torch.autograd.grad``, non-leaf inputs such as FSDP's shards, and
+    parameters with tensor hooks (``register_hook``: a gradient mask must mask the penalty's
+    part too; ``register_post_accumulate_grad_hook``: an optimizer stepping inside the backward
+    pass must see it), whose hooks would run before ours.
     """
 
     @staticmethod
@@ -154,6 +165,8 @@ class Quadratic(torch.autograd.Function):
         pool: Pool | None,
         *params: Tensor,
     ) -> Tensor:
+        if pool is not None:
+            pool.sweep()
         scratch = None if pool is None else pool.take(params, precs, anchors)
         value, weighted = _value(lam, offset, precs, anchors, scratch, params)
         ctx.lam = lam
@@ -169,36 +182,95 @@ class Quadratic(torch.autograd.Function):
         weighted(ctx)  # refuses buffers a later pass overwrote
         scale = grad_out * ctx.lam
         out: list[Tensor | None] = []
-        late: dict[int, tuple[Tensor, Tensor]] = {}
-        handles: list[Any] = []
-        nodes: dict[int, Any] | None = None if ctx.pool is None else {}
+        pool = ctx.pool
+        task = _graph_task()
+        run = None if pool is None or task < 0 else _Pass(task, scale, ctx)
+        nodes: dict[int, Any] = {}
         for i, (p, w) in enumerate(zip(ctx.params, ctx.weighted, strict=True)):
             if not ctx.needs_input_grad[5 + i]:
                 out.append(None)
-            elif _accumulates(p, None if ctx.pool is None else ctx.pool.nodes, nodes):
-                late[id(p)] = (p, w)
-                handles.append(p.register_post_accumulate_grad_hook(_adder(w, scale, late)))
+            elif run is not None and not _hooked(p) and _accumulates(p, pool.nodes, nodes):
+                run.add(p, w)
                 out.append(None)
             else:
                 out.append(w * scale)
-        if nodes is not None:
-            ctx.pool.nodes = nodes
-        if handles:
-
-            def finish() -> None:  # parameters whose accumulator got no other gradient
-                for h in handles:
-                    h.remove()
-                for p, w in late.values():
-                    if p.grad is None:
-                        p.grad = (w * scale).to(p.dtype)
-                    else:
-                        p.grad.addcmul_(w, scale)
-                release(ctx)
-
-            torch.autograd.Variable._execution_engine.queue_callback(finish)
+        if pool is not None:
+            pool.nodes = nodes
+        if run is not None and run.late:
+            pool.running[id(run)] = run
+            torch.autograd.Variable._execution_engine.queue_callback(run.finish)
         else:
             release(ctx)
         return (None, None, None, None, None, *out)
+
+
+class _Pass:
+    """The in-place additions of one backward pass (graph task ``task``) of one penalty graph.
+
+    A post-accumulate hook per parameter adds ``scale · w`` to ``.grad`` when the accumulator
+    runs in this very pass; :meth:`finish` (the end-of-pass callback) adds what is left (a
+    parameter that got no other gradient, or whose accumulator ran in a nested pass, as inside
+    reentrant checkpointing) and removes the hooks. A pass that fails never finishes: its hooks
+    stay inert (they act only in their own graph task, and task ids are not reused) until
+    :meth:`Pool.sweep` removes them.
+    """
+
+    def __init__(self, task: int, scale: Tensor, ctx: Any) -> None:
+        self.task, self.scale, self.ctx = task, scale, ctx
+        self.late: dict[int, tuple[Tensor, Tensor]] = {}
+        self.handles: list[Any] = []
+
+    def add(self, p: Tensor, w: Tensor) -> None:
+        self.late[id(p)] = (p, w)
+        self.handles.append(p.register_post_accumulate_grad_hook(_Hook(self)))
+
+    def accumulated(self, p: Tensor) -> None:
+        """Add ``p``'s part now that autograd accumulated the rest (only in this pass)."""
+        if _graph_task() != self.task:  # a nested pass, or one after this pass failed
+            return
+        entry = self.late.pop(id(p), None)
+        if entry is not None:
+            _add_to_grad(p, entry[1], self.scale)
+
+    def finish(self) -> None:
+        self.close()
+        for p, w in self.late.values():
+            _add_to_grad(p, w, self.scale)
+        self.late.clear()
+        release(self.ctx)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.ctx.pool.running.pop(id(self), None)
+
+
+class _Hook:
+    """Our post-accumulate hook (a type of its own, so that :func:`_hooked` can tell it apart)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: _Pass) -> None:
+        self.run = run
+
+    def __call__(self, p: Tensor) -> None:
+        self.run.accumulated(p)
+
+
+def _add_to_grad(p: Tensor, w: Tensor, scale: Tensor) -> None:
+    if p.grad is None:  # the accumulator ran with nothing else for this parameter
+        p.grad = (w * scale).to(p.dtype)
+    else:
+        p.grad.addcmul_(w, scale)
+
+
+_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _graph_task() -> int:
+    """Return the running backward pass's graph task id (``-1`` outside one, or if unknown)."""
+    return -1 if _TASK_ID is None else int(_TASK_ID())
 
 
 def value(
@@ -282,13 +354,28 @@ def _accumulates(
         return False
 
 
-def _adder(w: Tensor, scale: Tensor, late: dict[int, Any]) -> Any:
-    def hook(p: Tensor) -> None:
-        if late.pop(id(p), None) is None:
-            return
-        if p.grad is None:  # the accumulator ran with nothing else for this parameter
-            p.grad = (w * scale).to(p.dtype)
-        else:
-            p.grad.addcmul_(w, scale)
+def _hook_attributes_work() -> bool:
+    """Whether registering tensor hooks shows in the attributes :func:`_hooked` reads."""
+    t = torch.zeros((), requires_grad=True)
+    handles = [t.register_hook(lambda g: g), t.register_post_accumulate_grad_hook(lambda t: None)]
+    seen = bool(getattr(t, "_backward_hooks", None)) and bool(
+        getattr(t, "_post_accumulate_grad_hooks", None)
+    )
+    for h in handles:
+        h.remove()
+    return seen
 
-    return hook
+
+_HOOKS_VISIBLE: list[bool] = []
+
+
+def _hooked(p: Tensor) -> bool:
+    """Whether ``p`` has tensor hooks (or this torch hides them: then assume it has)."""
+    if not _HOOKS_VISIBLE:
+        _HOOKS_VISIBLE.append(_hook_attributes_work())
+    if not _HOOKS_VISIBLE[0]:
+        return True
+    if p._backward_hooks:
+        return True
+    post = p._post_accumulate_grad_hooks
+    return bool(post) and any(not isinstance(h, _Hook) for h in post.values())
