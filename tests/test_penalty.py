@@ -617,3 +617,34 @@ def test_without_visible_hooks_every_gradient_goes_through_autograd(monkeypatch)
     assert not registered
     for p, w in zip(model.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_models_penalty_is_summed_in_float32(dtype):
+    # Σ A (θ − μ)² here is ~4e5: float16 (max 65504) would make the loss inf
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 300), nn.Linear(300, 10)).to(dtype)
+    reg = ewc.EWC(model, lam=1.0)
+    fisher = {n: torch.rand(p.shape, dtype=dtype) * 100 for n, p in model.named_parameters()}
+    reg.consolidate(fisher=fisher)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    params = dict(model.named_parameters())
+    weighted = {n: reg.precision[n] * (params[n].detach() - reg.anchor[n]) for n in params}
+    want = sum(
+        0.5 * float((weighted[n].double() * (params[n].double() - reg.anchor[n].double())).sum())
+        for n in params
+    )
+    assert want > 65504
+    pen = reg.penalty()
+    assert pen.dtype == torch.float32
+    # θ − μ and d ⊙ w are rounded to the parameters' dtype (8 bits of mantissa for bfloat16)
+    rel = 1e-4 if dtype == torch.float16 else 1e-3
+    assert float(pen.detach()) == pytest.approx(want, rel=rel)
+    with torch.no_grad():
+        assert float(reg.penalty()) == pytest.approx(want, rel=rel)
+    pen.backward()
+    for n, p in params.items():  # the gradient in the parameters' dtype, A ⊙ (θ − μ) rounded once
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, weighted[n], rtol=0, atol=0)

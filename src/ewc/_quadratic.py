@@ -73,10 +73,24 @@ class Scratch:
         return self.weighted
 
     def dot(self) -> Tensor:
-        """Return ``Σ_i diffs[i] · weighted[i]``, one dot product per group."""
+        """Return ``Σ_i diffs[i] · weighted[i]``, one dot product per group (overwrites diffs)."""
         assert self.flat_weighted is not None
-        dots = [torch.dot(d, w) for d, w in zip(self.flat_diffs, self.flat_weighted, strict=True)]
+        dots = [_dot(d, w) for d, w in zip(self.flat_diffs, self.flat_weighted, strict=True)]
         return dots[0] if len(dots) == 1 else torch.stack(dots).sum()
+
+
+def _dot(d: Tensor, w: Tensor, *, scratch: bool = True) -> Tensor:
+    """Return ``Σ d·w`` of flat tensors, in float32 at least.
+
+    A half-precision result overflows at 65504, which the penalty of a float16 model passes
+    easily. ``d`` is overwritten with ``d ⊙ w`` when ``scratch`` (the reduced-precision case
+    needs the product).
+    """
+    low = torch.promote_types(d.dtype, w.dtype)
+    if not (low.is_floating_point and torch.finfo(low).bits < 32):
+        return torch.dot(d, w)
+    prod = d.mul_(w) if scratch and d.dtype == low else d * w
+    return prod.sum(dtype=torch.float32)
 
 
 def _key(params: Sequence[Tensor], precs: Sequence[Tensor], anchors: Sequence[Tensor]) -> Any:
@@ -308,7 +322,8 @@ def _value(
         diffs = torch._foreach_sub(list(params), list(anchors))
         weighted = torch._foreach_mul(diffs, list(precs))
         pairs = zip(diffs, weighted, strict=True)
-        total = torch.stack([torch.dot(d.reshape(-1), w.reshape(-1)) for d, w in pairs]).sum()
+        dots = [_dot(d.reshape(-1), w.reshape(-1), scratch=False) for d, w in pairs]
+        total = torch.stack(dots).sum()
     if offset:
         total.add_(offset)
     return total.mul_(0.5 * lam), weighted

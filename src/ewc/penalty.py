@@ -306,6 +306,8 @@ class EWC:
 
         Equals ``(λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)²`` over the consolidated tasks (0 before the
         first consolidation). The backward pass reuses ``A ⊙ (θ − μ)`` from the forward pass.
+        The value is a 0-dim tensor summed in float32 at least (a float16 model's penalty
+        would overflow at 65504); the gradient is in the parameters' dtype.
         """
         if not self.precision:
             p0 = next(iter(self._params().values()))
