@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 import ewc
-from ewc._quadratic import Pool
 
 
 def mlp() -> nn.Module:
@@ -353,8 +352,9 @@ def penalty_rows(rounds, label="MLP", model=None, batch=256, task_counts=(1, 10,
             f = {k: torch.rand(p.shape, generator=gen) for k, p in model.named_parameters()}
             reg.consolidate(fisher=f)
             done += 1
-        ops = reg._operands()
-        floor_scratch = Pool().take(*ops)
+        from ewc._quadratic import Pool  # here: bench_ab imports this file with older trees
+
+        floor_scratch = Pool().take(*reg._operands())
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "s.safetensors")
             reg.save(path)
