@@ -420,3 +420,31 @@ def test_run_cli_seeds_device_and_protocol_file(tmp_path, capsys):
     assert cfg["seeds"] == [0, 1] and cfg["l2_anchor"] == "latest" and cfg["pad"] == 2
     assert cfg["epochs"] is None and cfg["lam"] == {"l2": [1.0]}
     assert " ± " in capsys.readouterr().out
+
+
+def test_the_protocols_ship_inside_the_wheel(tmp_path):
+    # `ewc reproduce` must work from an installed wheel, not only from a checkout
+    import subprocess
+    import sys
+    import zipfile
+
+    assert protocols.config_dir().resolve() == CONFIGS.resolve()  # the checkout's link
+    assert protocols.config_dir().is_relative_to(Path(protocols.__file__).resolve().parent)
+    import shutil
+
+    root, src = Path(__file__).resolve().parents[1], tmp_path / "src"
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(root / f, src / f)  # a copy: setuptools writes build/ where it builds
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(src)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("ewc-*.whl")
+    shipped = {
+        Path(n).name
+        for n in zipfile.ZipFile(wheel).namelist()
+        if n.startswith("ewc/experiments/configs/")
+    }
+    assert shipped == {p.name for p in CONFIGS.glob("*.json")} and len(shipped) >= 5

@@ -64,11 +64,15 @@ class Protocol:
 
 
 def config_dir() -> Path:
-    """Return where the protocol files are: ``$EWC_CONFIGS``, else the checkout's ``configs/``."""
+    """Return where the protocol files are: ``$EWC_CONFIGS``, else the ones shipped with ewc.
+
+    The shipped ones are package data (``ewc/experiments/configs/``, which a checkout's
+    ``configs/`` links to), so ``ewc reproduce`` works from an installed wheel too.
+    """
     env = os.environ.get("EWC_CONFIGS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "configs"
+    return Path(__file__).resolve().parent / "configs"
 
 
 def list_protocols(directory: str | os.PathLike[str] | None = None) -> list[Protocol]:
@@ -79,7 +83,7 @@ def list_protocols(directory: str | os.PathLike[str] | None = None) -> list[Prot
     d = Path(directory) if directory is not None else config_dir()
     if not d.is_dir():
         raise FileNotFoundError(
-            f"no protocol directory {d}: run from a source checkout or set EWC_CONFIGS"
+            f"no protocol directory {d}: set EWC_CONFIGS to a directory of protocol files"
         )
     return [load_protocol(p, check_methods=False) for p in sorted(d.glob("*.json"))]
 
