@@ -370,3 +370,81 @@ def test_a_failing_rank_makes_every_rank_raise_the_same_error(tmp_path):
         assert got[0]["read"] <= 3, got  # rank 0 stopped at once, not after its 60 batches
         assert max(g["seconds"] for g in got) < 30, got
     assert [r["after"] for r in reports] == [12, 12]
+
+
+# --- KFAC and MAS estimates stop every rank too; mismatched accumulators are refused ---------
+def _failing_others(rank: int, outdir: str) -> None:
+    """Rank 1 breaks the KFAC and MAS estimates; rank 0 has 60 batches to read."""
+    import json
+    import time
+
+    model, x, y = _problem()
+    read = []
+
+    class Counted:
+        def __iter__(self):
+            for batch in loader(x.repeat(20, 1), y.repeat(20), 4):
+                read.append(1)
+                yield batch
+
+    many = Counted()
+    bad_labels = y[:6].clone()
+    bad_labels[4] = 9
+    nan_x = x[:6].clone()
+    nan_x[1, 2] = float("nan")
+    kfac = ewc.fisher_kfac
+    cases = {
+        "kfac labels": (kfac, many if rank == 0 else loader(x[:6], bad_labels, 3), "empirical"),
+        "kfac loader": (kfac, many if rank == 0 else _Raising(x, y), "sampled"),
+        "kfac empty": (kfac, loader(x[:6], y[:6], 3) if rank == 0 else [], "sampled"),
+        "mas nonfinite": (ewc.mas_importance, many if rank == 0 else loader(nan_x, y[:6], 3), None),
+        "mas loader": (ewc.mas_importance, many if rank == 0 else _Raising(x, y), None),
+    }
+    report = {}
+    for name, (fn, data, kind) in cases.items():
+        start = time.monotonic()
+        try:
+            fn(model, data, **({} if kind is None else {"kind": kind}))
+            report[name] = {"error": None}
+        except ewc_dist.RankFailure as e:
+            report[name] = {"error": str(e), "ranks": e.ranks}
+        report[name]["seconds"] = time.monotonic() - start
+        report[name]["read"] = len(read)
+        read.clear()
+    # accumulators of different layouts are refused on every rank, whatever their total size
+    red = ewc_dist.Reduction(group=None, rank=rank, world_size=WORLD)
+    sums = {"a": torch.zeros(6)} if rank == 0 else {"a": torch.zeros(2, 3)}
+    try:
+        red.all_reduce(sums, 1)
+        report["layout"] = None
+    except ValueError as e:
+        report["layout"] = str(e)
+    ok = ewc.fisher_kfac(model, loader(x[6 * rank : 6 * rank + 6], y[6 * rank : 6 * rank + 6], 4))
+    report["after"] = ok.n_samples
+    with open(os.path.join(outdir, f"fail{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def test_kfac_and_mas_stop_every_rank_when_one_fails(tmp_path):
+    import json
+
+    spawn_gloo(_failing_others, WORLD, tmp_path, timeout=60)
+    reports = [json.loads((tmp_path / f"fail{r}.json").read_text()) for r in range(WORLD)]
+    causes = {
+        "kfac labels": "label",
+        "kfac loader": "OSError: cannot read",
+        "kfac empty": "no batches",
+        "mas nonfinite": "non-finite",
+        "mas loader": "OSError: cannot read",
+    }
+    for name, cause in causes.items():
+        got = [r[name] for r in reports]
+        assert got[0]["error"] is not None and got[0]["error"] == got[1]["error"], (name, got)
+        assert got[0]["ranks"] == [1], (name, got)
+        assert got[0]["error"].startswith("rank 1 of 2 failed:"), got[0]["error"]
+        assert cause in got[0]["error"], got[0]["error"]
+        assert got[0]["read"] <= 3, (name, got)  # rank 0 stopped at once, not after 60 batches
+        assert max(g["seconds"] for g in got) < 30, got
+    for r in reports:
+        assert r["layout"] is not None and "accumulators differ (ranks [1]" in r["layout"]
+    assert [r["after"] for r in reports] == [12, 12]

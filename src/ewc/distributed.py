@@ -40,6 +40,7 @@ are the inner module's, without the ``"module."`` prefix.
 from __future__ import annotations
 
 import sys
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -146,14 +147,30 @@ class Reduction:
         Tensors are flattened into one buffer per ``(device, dtype)`` so each bucket costs one
         collective; the count is reduced as ``int64`` (exact for any data set size) on the
         device of the accumulators (NCCL needs device tensors). Every rank must pass tensors of
-        the same names, shapes and dtypes, in the same order.
+        the same names, shapes and dtypes, in the same order: the first collective carries a
+        checksum of that layout from each rank, and a mismatch raises on every rank (a
+        mismatched sum could otherwise hang, or add unrelated numbers of equal total size).
+
+        Raises:
+            ValueError: on every rank, if the ranks' ``sums`` differ in layout.
         """
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for t in sums.values():
             buckets[(t.device, t.dtype)].append(t)
         device = next(iter(sums.values())).device if sums else _collective_device(self.group)
-        total = torch.tensor([count], dtype=torch.int64, device=device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        layout = "|".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in sums.items())
+        head = torch.zeros(self.world_size + 1, dtype=torch.int64, device=device)
+        head[0] = count
+        head[1 + self.rank] = zlib.crc32(layout.encode("utf-8"))
+        dist.all_reduce(head, op=dist.ReduceOp.SUM, group=self.group)
+        checks = head[1:].tolist()
+        if len(set(checks)) > 1:
+            odd = [r for r, c in enumerate(checks) if c != checks[0]]
+            raise ValueError(
+                f"the ranks' accumulators differ (ranks {odd} against rank 0: names, shapes or "
+                "dtypes): every rank must estimate over the same parameters and layers"
+            )
+        total = head[:1]
         for tensors in buckets.values():
             flat = torch.cat([t.reshape(-1) for t in tensors])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)

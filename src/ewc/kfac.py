@@ -406,7 +406,10 @@ def _estimate(
     layers: dict[str, _Layer] | None = None
     sums: dict[str, Tensor] = {}
     seen = 0
-    for idx, inputs, targets, size in _batches(data, opts, limit, device):
+
+    def step(item: tuple[int, Any, Tensor | None, int]) -> None:
+        nonlocal layers, sums, seen
+        idx, inputs, targets, size = item
         route, z, records = router.forward(inputs, size)
         if layers is None:
             layers = kron_layers(route)
@@ -420,7 +423,18 @@ def _estimate(
             for n, val in router.generic_squares(route, inputs, s).items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
+
+    # under a reduction, every batch starts with a status round: a failing rank stops all
+    _dist.run_steps(_batches(data, opts, limit, device), reduction, step, device)
     if reduction is not None:
+        # the factors' layout comes from a forward pass: a rank without one cannot join
+        empty = None
+        if layers is None:
+            empty = ValueError(
+                "this rank's data yielded no batches: fisher_kfac reads the Kronecker layers "
+                "from a forward pass, so every rank needs at least one batch"
+            )
+        reduction.agree(empty, device=device)
         seen = reduction.all_reduce(sums, seen)
     if seen == 0 or layers is None:
         raise ValueError("data yielded no samples: the Fisher needs at least one data point")

@@ -131,7 +131,10 @@ def _estimate(
     router = Router(model, trainable, opts)
     checked: dict[tuple[Route, Layers], Route] = {}
     seen = 0
-    for idx, inputs, _, size in _batches(data, opts, limit, device):
+
+    def step(item: tuple[int, Any, Tensor | None, int]) -> None:
+        nonlocal seen
+        idx, inputs, _, size = item
         route, z, records = router.forward(inputs, size)
         _check_outputs(z, size, idx)
         s = (2.0 * z.detach().to(acc_dtype(z.dtype))).to(z.dtype)  # ∂‖z_n‖²/∂z_n, one column
@@ -147,6 +150,9 @@ def _estimate(
             for n, val in got.items():
                 sums[n] += val.to(sums[n].dtype)
         seen += size
+
+    # under a reduction, every batch starts with a status round: a failing rank stops all
+    _dist.run_steps(_batches(data, opts, limit, device), reduction, step, device)
     if reduction is not None:
         seen = reduction.all_reduce(sums, seen)
     if seen == 0:
