@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 test: lint
 	$(PY) -m pytest

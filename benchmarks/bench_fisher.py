@@ -176,8 +176,9 @@ def fisher_rows(name, model, n, shape, rounds, quick):
 
     def add(method, kind, fn, r=rounds, note=""):
         ratio = _ratio(base, fn, r)
-        rows.append({"model": name, "N": n, "kind": kind, "method": method, "ratio": ratio,
-                     "note": note})
+        rows.append(
+            {"model": name, "N": n, "kind": kind, "method": method, "ratio": ratio, "note": note}
+        )
         print(f"  {name:4s} {kind:9s} {method:28s} {ratio:8.2f}x {note}", flush=True)
 
     for kind in ["sampled", "empirical", "exact"]:
@@ -196,8 +197,16 @@ def fisher_rows(name, model, n, shape, rounds, quick):
     t_naive = _timeit(lambda: naive_loop(model, data, n_naive)) * n / n_naive
     t_base = statistics.median(_timeit(base) for _ in range(3))
     note = f"(timed on {n_naive} samples, scaled to N)" if n_naive < n else ""
-    rows.append({"model": name, "N": n, "kind": "empirical", "method": "naive per-sample loop",
-                 "ratio": t_naive / t_base, "note": note})
+    rows.append(
+        {
+            "model": name,
+            "N": n,
+            "kind": "empirical",
+            "method": "naive per-sample loop",
+            "ratio": t_naive / t_base,
+            "note": note,
+        }
+    )
     print(f"  {name:4s} empirical naive per-sample loop        {t_naive / t_base:8.2f}x {note}")
     return rows
 
@@ -361,8 +370,10 @@ def penalty_rows(rounds, label="MLP", model=None, batch=256, task_counts=(1, 10,
             size = os.path.getsize(path)
         fns = {"plain": step} | {name: (lambda f=form: step(reg, f)) for name, form in forms}
         med = _interleaved(fns, rounds * 20)
-        print(f"  {label} tasks={n_tasks:3d} plain step {med['plain'] * 1e3:.2f} ms (median)"
-              f", {_faults(lambda: [step() for _ in range(20)]) / 20:.0f} page faults/step")
+        print(
+            f"  {label} tasks={n_tasks:3d} plain step {med['plain'] * 1e3:.2f} ms (median)"
+            f", {_faults(lambda: [step() for _ in range(20)]) / 20:.0f} page faults/step"
+        )
         for name, form in forms:
             ratio = med[name] / med["plain"]
             faults = _faults(lambda f=form: [step(reg, f) for _ in range(20)]) / 20
@@ -403,13 +414,16 @@ def main() -> None:
     if args.cpu_time:
         CLOCK = time.thread_time
     rounds = 2 if args.quick else args.rounds
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     rows = []
     if not args.penalty_only:
         rows = fisher_rows("MLP", mlp(), 2000 if args.quick else 10000, (784,), rounds, args.quick)
-        rows += fisher_rows("CNN", cnn(), 500 if args.quick else 2000, (1, 28, 28), rounds,
-                            args.quick)
+        rows += fisher_rows(
+            "CNN", cnn(), 500 if args.quick else 2000, (1, 28, 28), rounds, args.quick
+        )
     prow = penalty_rows(rounds)
     prow += penalty_rows(max(1, rounds // 5), "wide", wide(), batch=32, task_counts=(1,))
     if args.json:

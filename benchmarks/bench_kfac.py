@@ -48,8 +48,14 @@ def backpack_kfac(model, data, ext_name):
             with backpack(ext()):
                 loss.backward()
             facs = [[f.detach().clone() for f in getattr(p, attr)] for p in m.parameters()]
-            acc = facs if acc is None else [[a + f for a, f in zip(x, y, strict=True)]
-                                            for x, y in zip(acc, facs, strict=True)]
+            acc = (
+                facs
+                if acc is None
+                else [
+                    [a + f for a, f in zip(x, y, strict=True)]
+                    for x, y in zip(acc, facs, strict=True)
+                ]
+            )
         return acc
 
     return run
@@ -84,7 +90,7 @@ def estimation_rows(rounds: int, n: int) -> list[dict]:
         theirs = backpack_kfac(model, data[:2], "KFLR")()
         worst = 0.0
         for block, p_facs in zip(ours.values(), theirs[::2], strict=True):
-            (a, g), = block.terms
+            ((a, g),) = block.terms
             g_b, a_b = p_facs  # BackPACK: [G, A] of the weight, A without the bias column
             for mine, other in ((g, g_b), (a[:-1, :-1], a_b)):
                 mine, other = mine / mine.trace(), other / other.trace()
@@ -140,10 +146,20 @@ def penalty_rows(rounds: int) -> list[dict]:
             numel = sum(t.numel() for t in reg.state_dict()["tensors"].values())
             for form, inject in (("penalty()", False), ("add_penalty_grad()", True)):
                 ratio = _ratio(step, lambda inj=inject, r=reg: step(r, inj), rounds)
-                rows.append({"merge": label, "tasks": n_tasks, "form": form, "ratio": ratio,
-                             "state_numel": numel})
-                print(f"  {label:20s} tasks={n_tasks:3d} {form:20s} {ratio:6.3f}x  "
-                      f"state {numel} numbers", flush=True)
+                rows.append(
+                    {
+                        "merge": label,
+                        "tasks": n_tasks,
+                        "form": form,
+                        "ratio": ratio,
+                        "state_numel": numel,
+                    }
+                )
+                print(
+                    f"  {label:20s} tasks={n_tasks:3d} {form:20s} {ratio:6.3f}x  "
+                    f"state {numel} numbers",
+                    flush=True,
+                )
     return rows
 
 
@@ -207,8 +223,11 @@ def merge_accuracy(tasks: int, n: int) -> list[dict]:
             rel = statistics.median(v for v, _ in e)
             cos = statistics.median(c for _, c in e)
             rows.append({"tasks": t + 1, "form": name, "median_rel_err": rel, "grad_cosine": cos})
-            print(f"  after {t + 1:3d} tasks {name:32s} penalty rel. error vs the exact sum "
-                  f"{rel:.2e}, gradient cosine {cos:.4f}", flush=True)
+            print(
+                f"  after {t + 1:3d} tasks {name:32s} penalty rel. error vs the exact sum "
+                f"{rel:.2e}, gradient cosine {cos:.4f}",
+                flush=True,
+            )
     return rows
 
 
@@ -221,15 +240,25 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     rounds = 2 if args.quick else args.rounds
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     rows = estimation_rows(rounds, 2000 if args.quick else 10000) if "estimation" in parts else []
     prow = penalty_rows(rounds) if "penalty" in parts else []
     arow = merge_accuracy(10 if args.quick else 50, 256) if "accuracy" in parts else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"estimation": rows, "penalty": prow, "merge_accuracy": arow,
-                       "torch": torch.__version__}, f, indent=1)
+            json.dump(
+                {
+                    "estimation": rows,
+                    "penalty": prow,
+                    "merge_accuracy": arow,
+                    "torch": torch.__version__,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

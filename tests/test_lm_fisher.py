@@ -45,7 +45,9 @@ def naive_sequence_fisher(forward, params, batches, kind, seed=0):
                 ]
             ).reshape(probs.shape[:-1])
         for i in range(n_seq):
-            one = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+            one = {
+                k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()
+            }
             logp = torch.log_softmax(forward(one)[0], -1)  # (T, C) or (C,)
             tgt = targets[i]
             if logp.dim() == 1:
@@ -95,7 +97,11 @@ def _tagger_batches(seed=0, n=6, t=5, vocab=7, classes=4, bs=4):
     mask = torch.ones(n, t, dtype=torch.long)
     mask[1, 3:] = 0
     return [
-        {"input_ids": ids[i : i + bs], "attention_mask": mask[i : i + bs], "labels": labels[i : i + bs]}
+        {
+            "input_ids": ids[i : i + bs],
+            "attention_mask": mask[i : i + bs],
+            "labels": labels[i : i + bs],
+        }
         for i in range(0, n, bs)
     ]
 
@@ -127,7 +133,9 @@ def test_sum_inside_square_differs_from_per_token_units():
             one = {k: v[i : i + 1] for k, v in inputs.items()}
             logp = torch.log_softmax(model(**one)[0], -1)
             for t in (targets[i] != IGNORE).nonzero().flatten().tolist():
-                grads = torch.autograd.grad(logp[t, targets[i, t]], list(model.parameters()), retain_graph=True)
+                grads = torch.autograd.grad(
+                    logp[t, targets[i, t]], list(model.parameters()), retain_graph=True
+                )
                 for (n, _), gr in zip(model.named_parameters(), grads, strict=True):
                     per_token[n] += gr.square() / 6
     assert not torch.allclose(got["head.weight"], per_token["head.weight"], rtol=1e-3)
@@ -183,11 +191,14 @@ def test_frozen_base_weights_are_left_out_and_adapters_match_naive():
     x = torch.randn(9, 4)
     y = torch.randint(0, 3, (9,))
     got = ewc.fisher_diagonal(model, [(x, y)], kind="empirical")
-    assert sorted(got) == ["0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+    assert sorted(got) == [
+        "0.lora_A.weight",
+        "0.lora_B.weight",
+        "2.lora_A.weight",
+        "2.lora_B.weight",
+    ]
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    want = naive_sequence_fisher(
-        lambda inp: model(inp["x"]), params, [({"x": x}, y)], "empirical"
-    )
+    want = naive_sequence_fisher(lambda inp: model(inp["x"]), params, [({"x": x}, y)], "empirical")
     assert_fisher_close(got, want)
 
 
@@ -249,7 +260,9 @@ def test_half_precision_model_accumulates_in_float32():
     ref = ewc.fisher_diagonal(model, [x], kind="exact")
     model_bf16 = nn.Linear(4, 3).to(torch.bfloat16)
     model_bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
-    low = ewc.fisher_diagonal(model_bf16, [x[i : i + 64].bfloat16() for i in range(0, 4096, 64)], kind="exact")
+    low = ewc.fisher_diagonal(
+        model_bf16, [x[i : i + 64].bfloat16() for i in range(0, 4096, 64)], kind="exact"
+    )
     torch.testing.assert_close(low["weight"].double(), ref["weight"], rtol=3e-2, atol=0)
 
 
@@ -334,7 +347,9 @@ def test_lm_batches_shift_mask_and_errors():
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     labels = torch.tensor([[-100, 2, 3, 4], [5, 6, 7, 0]])
-    [(inputs, targets)] = list(LMBatches([{"input_ids": ids, "attention_mask": mask, "labels": labels}], shift=1))
+    [(inputs, targets)] = list(
+        LMBatches([{"input_ids": ids, "attention_mask": mask, "labels": labels}], shift=1)
+    )
     assert "labels" not in inputs
     assert targets.tolist() == [[2, 3, 4], [6, 7, -100]]
     [(_, targets)] = list(LMBatches([{"input_ids": ids, "attention_mask": mask}], shift=1))
@@ -378,7 +393,11 @@ def _lm_batches(vocab=11, n=5, t=6, bs=3, seed=0):
     labels = ids.clone()
     labels[0, :3] = IGNORE  # a prompt left out of the loss
     return [
-        {"input_ids": ids[i : i + bs], "attention_mask": mask[i : i + bs], "labels": labels[i : i + bs]}
+        {
+            "input_ids": ids[i : i + bs],
+            "attention_mask": mask[i : i + bs],
+            "labels": labels[i : i + bs],
+        }
         for i in range(0, n, bs)
     ]
 
@@ -408,7 +427,9 @@ def test_gpt2_every_parameter_has_a_closed_form(transformers):
     batches = _lm_batches()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no per-sample loop: tied and position embeddings too
-        sub = hf_fisher(model, batches, kind="empirical", params="transformer.h.*", dtype=torch.bfloat16)
+        sub = hf_fisher(
+            model, batches, kind="empirical", params="transformer.h.*", dtype=torch.bfloat16
+        )
         full = hf_fisher(model, batches, kind="empirical")
     assert sub and all(k.startswith("transformer.h.") for k in sub)
     for k in sub:
@@ -417,8 +438,13 @@ def test_gpt2_every_parameter_has_a_closed_form(transformers):
 
 def test_bert_sequence_classifier_fisher_matches_naive(transformers):
     cfg = transformers.BertConfig(
-        vocab_size=13, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16, num_labels=3,
+        vocab_size=13,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=16,
+        num_labels=3,
     )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(cfg).double().eval()
@@ -574,8 +600,13 @@ def test_modules_without_closed_form_match_naive(leaf, by_keyword, warns):
 
 def test_llama_style_model_has_no_per_sample_loop_and_matches_naive(transformers):
     cfg = transformers.LlamaConfig(
-        vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        vocab_size=13,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -585,8 +616,10 @@ def test_llama_style_model_has_no_per_sample_loop_and_matches_naive(transformers
         warnings.simplefilter("error")
         got = hf_fisher(model, batches, kind="empirical")
     want = naive_sequence_fisher(
-        lambda inp: model(**inp).logits[:, :-1], dict(model.named_parameters()),
-        list(LMBatches(batches, shift=1)), "empirical",
+        lambda inp: model(**inp).logits[:, :-1],
+        dict(model.named_parameters()),
+        list(LMBatches(batches, shift=1)),
+        "empirical",
     )
     assert_fisher_close(got, want, rtol=1e-8, atol=1e-14)
 
@@ -608,9 +641,14 @@ def test_peft_lora_adapters_only(transformers):
     """A real LoRA model (peft): the Fisher covers the trainable adapters, every one fast."""
     peft = pytest.importorskip("peft")
     base = _gpt2(transformers)
-    model = peft.get_peft_model(
-        base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], lora_dropout=0.1)
-    ).double().eval()
+    model = (
+        peft.get_peft_model(
+            base,
+            peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], lora_dropout=0.1),
+        )
+        .double()
+        .eval()
+    )
     for p in model.parameters():  # LoRA B starts at zero: move it so every gradient is non-zero
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.3)

@@ -105,13 +105,17 @@ def test_mlp_cnn_and_sequence_outputs_match_the_loop():
     torch.manual_seed(0)
     mlp = _mlp().double()
     xs = [torch.randn(n, 4, generator=gen) for n in (5, 3)]
-    assert rel_err(ewc.mas_importance(mlp, xs), naive_mas(mlp, [((x,), (True,)) for x in xs])) < 1e-12
+    assert (
+        rel_err(ewc.mas_importance(mlp, xs), naive_mas(mlp, [((x,), (True,)) for x in xs])) < 1e-12
+    )
     cnn = CNN().double().eval()
     with torch.no_grad():
         cnn.bn.running_mean.uniform_(-0.5, 0.5)
         cnn.bn.running_var.uniform_(0.5, 2.0)
     xs = [torch.randn(n, 2, 6, 6, generator=gen) for n in (4, 2)]
-    assert rel_err(ewc.mas_importance(cnn, xs), naive_mas(cnn, [((x,), (True,)) for x in xs])) < 1e-10
+    assert (
+        rel_err(ewc.mas_importance(cnn, xs), naive_mas(cnn, [((x,), (True,)) for x in xs])) < 1e-10
+    )
     for sf in (False, True):
         seq = SeqOut(sf).double()
         xs = [torch.randint(0, 6, (n, T), generator=gen) for n in (T, T + 1)]  # N == T first
@@ -330,8 +334,13 @@ def test_lightning_callback_consolidates_mas_on_the_training_data():
     module = Net()
     mas = ewc.MAS(module, lam=2.0)
     pl.Trainer(
-        callbacks=[EWCCallback(mas)], accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[EWCCallback(mas)],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         max_epochs=1,
     ).fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
     assert mas.num_tasks == 1
@@ -390,7 +399,10 @@ def test_dict_inputs_and_output_fn():
         model, [({"pixels": x, "scale": 2.0}, None)], output_fn=lambda out: out["logits"]
     )
     want = naive_mas(model.body, [((x,), (True,))])
-    assert rel_err({k[len("body.") :]: v for k, v in got.items()}, {k: 4 * v for k, v in want.items()}) < 1e-12
+    assert (
+        rel_err({k[len("body.") :]: v for k, v in got.items()}, {k: 4 * v for k, v in want.items()})
+        < 1e-12
+    )
 
 
 def test_mas_route_shows_each_layers_path():

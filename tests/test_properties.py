@@ -152,7 +152,10 @@ CASES = {
     "position-expanded-reduced": (dict(inp="tokens", pos="mean0"), None),
     "tied-module": (dict(inp="tokens", pos="arange", head="tied"), None),
     "tied-functional": (dict(inp="tokens", head="functional"), None),
-    "tied-functional-sequence-first": (dict(inp="tokens", block="linear-sf", head="functional"), None),
+    "tied-functional-sequence-first": (
+        dict(inp="tokens", block="linear-sf", head="functional"),
+        None,
+    ),
     "hooks": (dict(head="hooked"), None),
     "activations-with-parameters": (dict(block="prelu"), None),
     "no-grad-layer": (dict(block="nograd"), None),
@@ -231,8 +234,7 @@ def estimate(model, batches, kind, seed, **kwargs):
 def rel_err(got, want):
     assert set(got) == set(want), (sorted(got), sorted(want))
     return max(
-        float((got[k].double() - want[k]).abs().max())
-        / max(float(want[k].abs().max()), 1e-30)
+        float((got[k].double() - want[k]).abs().max()) / max(float(want[k].abs().max()), 1e-30)
         for k in want
     )
 
@@ -272,7 +274,9 @@ def test_the_fast_paths_are_still_taken():
     r = route("tied-module")
     assert r.rest == () and r.partition.ties
     r = route("tied-functional")  # the embedding's weight is also the head: generic path
-    assert "wte" not in r.fast and "block.lin" in r.fast and "closed form differs" in r.excluded["wte"]
+    assert (
+        "wte" not in r.fast and "block.lin" in r.fast and "closed form differs" in r.excluded["wte"]
+    )
     r = route("linear-sequence-first")  # rows are positions when N == T: generic path
     assert "block.lin" not in r.fast and "proj" in r.fast and "head" in r.fast
     r = route("hooks")  # the capture runs before the user's hooks: the closed form is right
@@ -286,7 +290,12 @@ def test_the_fast_paths_are_still_taken():
 
 
 # --- Half precision ---------------------------------------------------------------------
-HALF_CASES = ["linear-batch-first", "position-broadcast", "tied-module", "activations-with-parameters"]
+HALF_CASES = [
+    "linear-batch-first",
+    "position-broadcast",
+    "tied-module",
+    "activations-with-parameters",
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -316,7 +325,5 @@ def test_float16_squares_do_not_underflow():
     y = torch.randint(0, 3, (6,))
     want = naive(model, [((x,), (True,), y)], "empirical", seed=0)
     assert float(want["0.weight"].max()) < 6e-8  # below float16's smallest subnormal
-    got = ewc.fisher_diagonal(
-        model.half(), [(x.half(), y)], kind="empirical", dtype=torch.float32
-    )
+    got = ewc.fisher_diagonal(model.half(), [(x.half(), y)], kind="empirical", dtype=torch.float32)
     assert rel_err(got, want) < 0.05

@@ -64,7 +64,9 @@ def test_plain_sgd_path_integral_is_exact():
     assert torch.allclose(si.importance()["w"], want, rtol=1e-15, atol=0)
     added = si.consolidate()
     assert torch.allclose(added["w"], want, rtol=1e-15, atol=0) and added.kind == "si"
-    assert torch.equal(si.anchor["w"], model.w.detach()) and torch.equal(si.precision["w"], added["w"])
+    assert torch.equal(si.anchor["w"], model.w.detach()) and torch.equal(
+        si.precision["w"], added["w"]
+    )
     assert not si.start and float(si.omega["w"].abs().max()) == 0.0
     # the paper's penalty c Σ Ω (θ − θ̃)²
     with torch.no_grad():
@@ -97,7 +99,9 @@ def test_second_task_uses_the_task_gradient_only(via):
     want = omega1 + (omega2 / ((w - anchor) ** 2 + xi)).clamp_min(0)
     si.consolidate()
     assert torch.allclose(si.precision["w"], want, rtol=1e-12)
-    assert torch.equal(si.anchor["w"], w.to(si.anchor["w"].dtype)) or torch.allclose(si.anchor["w"], w)
+    assert torch.equal(si.anchor["w"], w.to(si.anchor["w"].dtype)) or torch.allclose(
+        si.anchor["w"], w
+    )
     assert [t["kind"] for t in si.tasks] == ["si", "si"]
 
 
@@ -177,7 +181,9 @@ def test_frozen_and_unstepped_parameters_and_params_selection():
     with si.attach(opt):
         for _ in range(2):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])).backward()
+            nn.functional.cross_entropy(
+                model(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])
+            ).backward()
             opt.step()
     imp = si.consolidate()
     assert set(imp) == {"2.weight", "2.bias"} and float(imp["2.weight"].sum()) > 0
@@ -293,15 +299,24 @@ def test_lightning_callback_gathers_the_path_integral():
             return torch.optim.SGD(self.parameters(), lr=0.3)
 
     gen = torch.Generator().manual_seed(3)
-    tasks = [(torch.randn(12, 3, generator=gen), torch.randint(0, 2, (12,), generator=gen)) for _ in range(2)]
+    tasks = [
+        (torch.randn(12, 3, generator=gen), torch.randint(0, 2, (12,), generator=gen))
+        for _ in range(2)
+    ]
     module = Net()
     plain = copy.deepcopy(module.net)
     si = ewc.SI(module, c=0.5, xi=0.1)
     cb = EWCCallback(si)
     for x, y in tasks:
         pl.Trainer(
-            callbacks=[cb], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, max_epochs=1,
+            callbacks=[cb],
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            max_epochs=1,
         ).fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
     ref = ewc.SI(plain, c=0.5, xi=0.1)
     for x, y in tasks:
@@ -315,7 +330,9 @@ def test_lightning_callback_gathers_the_path_integral():
     assert si.num_tasks == 2
     for n, p in plain.named_parameters():
         assert torch.allclose(si.precision["net." + n], ref.precision[n], rtol=1e-10, atol=1e-14)
-        assert torch.allclose(dict(module.named_parameters())["net." + n], p, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(
+            dict(module.named_parameters())["net." + n], p, rtol=1e-10, atol=1e-14
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -331,7 +348,9 @@ def test_cuda_matches_cpu():
         with si.attach(opt):
             for i in range(0, 8, 2):
                 opt.zero_grad()
-                nn.functional.cross_entropy(m(x[i : i + 2].to(dev)), y[i : i + 2].to(dev)).backward()
+                nn.functional.cross_entropy(
+                    m(x[i : i + 2].to(dev)), y[i : i + 2].to(dev)
+                ).backward()
                 opt.step()
         si.consolidate()
         sis.append(si)

@@ -161,9 +161,21 @@ def _corrupt(state, *, meta=None, tensors=None):
         ({"meta": {"num_tasks": 5}}, "num_tasks=5"),
     ],
     ids=[
-        "nan-offset", "inf-offset", "negative-offset", "offset-shape", "kind", "mode", "lam",
-        "gamma", "tasks-not-list", "task-not-record", "task-n", "task-kind", "task-field",
-        "empty-tasks", "num-tasks",
+        "nan-offset",
+        "inf-offset",
+        "negative-offset",
+        "offset-shape",
+        "kind",
+        "mode",
+        "lam",
+        "gamma",
+        "tasks-not-list",
+        "task-not-record",
+        "task-n",
+        "task-kind",
+        "task-field",
+        "empty-tasks",
+        "num-tasks",
     ],
 )
 def test_load_state_dict_validates_every_field(change, message):
@@ -182,7 +194,9 @@ def test_online_state_keeps_no_offset():
     model, reg = _trained_ewc("online")
     state = reg.state_dict()
     with pytest.raises(ValueError, match="mode='online' keeps no offset"):
-        reg.load_state_dict(_corrupt(state, tensors={"offset": torch.tensor(2.0, dtype=torch.float64)}))
+        reg.load_state_dict(
+            _corrupt(state, tensors={"offset": torch.tensor(2.0, dtype=torch.float64)})
+        )
 
 
 # --- Bad input ----------------------------------------------------------------------------

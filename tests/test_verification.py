@@ -95,7 +95,9 @@ def test_squares_catch_a_wrong_module_local_vjp(monkeypatch):
     def wrong(module, x, g):
         return {k: 1.5 * v for k, v in real(module, x, g).items()}
 
-    monkeypatch.setattr(_rules, "LEAF", _rules.LayerRule("module-local VJP", wrong, (), native=True))
+    monkeypatch.setattr(
+        _rules, "LEAF", _rules.LayerRule("module-local VJP", wrong, (), native=True)
+    )
     case = "activations-with-parameters"
     model = build(case)
     batches = batches_for(case, (T, T + 2))
@@ -147,9 +149,7 @@ def test_a_model_that_mixes_samples_is_refused():
 def test_route_is_verified_once_per_signature(monkeypatch):
     calls = []
     real = _probe.check_sample
-    monkeypatch.setattr(
-        _probe, "check_sample", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-    )
+    monkeypatch.setattr(_probe, "check_sample", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     case = "position-broadcast"
     model = build(case)
     batches = batches_for(case, (T + 2, T, T + 2, T + 1, 1, 1))
@@ -215,8 +215,12 @@ def test_without_fixed_expansions_the_table_is_wrong_when_n_equals_t(monkeypatch
         if checked is None:
             return None
         return type(checked)(
-            checked.partition, checked.layout, checked.clone,
-            {n: "auto" for n in checked.expand}, checked.generic, checked.excluded,
+            checked.partition,
+            checked.layout,
+            checked.clone,
+            {n: "auto" for n in checked.expand},
+            checked.generic,
+            checked.excluded,
             checked.verified,
         )
 
