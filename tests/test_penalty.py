@@ -648,3 +648,28 @@ def test_a_half_precision_models_penalty_is_summed_in_float32(dtype):
     for n, p in params.items():  # the gradient in the parameters' dtype, A ⊙ (θ − μ) rounded once
         assert p.grad.dtype == dtype
         torch.testing.assert_close(p.grad, weighted[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fisher_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_precisions_stored_in_another_dtype_than_the_parameters(dtype, fisher_dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)).to(dtype)
+    reg = ewc.EWC(model, lam=2.0, fisher_dtype=fisher_dtype)
+    reg.consolidate(fisher={n: torch.rand(p.shape) for n, p in model.named_parameters()})
+    _move(model, 2)
+    params = dict(model.named_parameters())
+    want = sum(
+        float((reg.precision[n].double() * (p.double() - reg.anchor[n].double()) ** 2).sum())
+        for n, p in params.items()
+    )
+    pen = reg.penalty()
+    assert float(pen.detach()) == pytest.approx(want, rel=1e-2)
+    pen.backward()
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    reg.add_penalty_grad()
+    for n, p in params.items():
+        assert grads[n].dtype == dtype
+        torch.testing.assert_close(grads[n], p.grad)

@@ -87,6 +87,8 @@ def _dot(d: Tensor, w: Tensor, *, scratch: bool = True) -> Tensor:
     needs the product).
     """
     low = torch.promote_types(d.dtype, w.dtype)
+    if d.dtype != low:  # e.g. bfloat16 parameters, float32 precisions: dot wants one dtype
+        d, scratch = d.to(low), True
     if not (low.is_floating_point and torch.finfo(low).bits < 32):
         return torch.dot(d, w)
     prod = d.mul_(w) if scratch and d.dtype == low else d * w
