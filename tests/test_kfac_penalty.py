@@ -309,3 +309,26 @@ def test_exact_merge_with_rank_keeps_each_tasks_leading_eigenpairs(mode, tmp_pat
     pen.save(path)
     loaded = ewc.EWC.load(path, model)
     assert loaded.rank == r and torch.allclose(loaded.penalty(), pen.penalty())
+
+
+@pytest.mark.parametrize("merge", ["exact", "eigenbasis"])
+def test_a_float16_models_kfac_penalty_is_summed_in_float32(merge):
+    # a quadratic: the value at θ* + Δ is 16 times the value at θ* + Δ/4; at θ* + Δ it is past
+    # float16's 65504, at θ* + Δ/4 it is not
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 50), nn.Tanh(), nn.Linear(50, 3)).to(torch.float16)
+    x, y = (torch.randn(64, 40) * 5).to(torch.float16), torch.randint(0, 3, (64,))
+    pen = KFACEWC(model, lam=1.0, merge=merge)
+    pen.consolidate([(x, y)])
+    anchor = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(p.shape, generator=gen).to(p.dtype) * 60 for p in model.parameters()]
+    values = {}
+    for k in (1, 4):
+        with torch.no_grad():
+            for p, d, a in zip(model.parameters(), deltas, anchor, strict=True):
+                p.copy_(a + d / k)
+        values[k] = pen.penalty()
+    assert values[1].dtype == torch.float32 and bool(torch.isfinite(values[1]))
+    assert float(values[1].detach()) > 65504 > float(values[4].detach())
+    assert float(values[1].detach()) == pytest.approx(16 * float(values[4].detach()), rel=2e-2)

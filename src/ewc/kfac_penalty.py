@@ -243,17 +243,17 @@ class KFACEWC(EWC):
             a, g = st["A"].to(wt.dtype), st["G"].to(wt.dtype)
             d = wt.unsqueeze(0) - st["anchor"]  # (T, O, I')
             gda = torch.bmm(torch.bmm(g, d), a)
-            return (gda * d).sum(), gda.sum(0)
+            return _total(gda * d), gda.sum(0)
         if self.merge == "exact":  # per-task truncated eigenpairs, batched over the tasks
             qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
             d = wt.unsqueeze(0) - st["anchor"]
             rot = torch.bmm(torch.bmm(qg.transpose(1, 2), d), qa)  # (T, r_G, r_A)
             srot = s * rot
-            return (srot * rot).sum(), torch.bmm(torch.bmm(qg, srot), qa.transpose(1, 2)).sum(0)
+            return _total(srot * rot), torch.bmm(torch.bmm(qg, srot), qa.transpose(1, 2)).sum(0)
         qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
         rot = qg.T @ (wt - st["mean"]) @ qa
         srot = s * rot
-        return (srot * rot).sum(), qg @ srot @ qa.T
+        return _total(srot * rot), qg @ srot @ qa.T
 
     @torch.no_grad()
     def _kron_parts(
@@ -284,7 +284,8 @@ class KFACEWC(EWC):
         r"""Return ``(λ/2) [Σ_layers Σ_t tr(G_t Δ_t A_t Δ_tᵀ) + c] +`` the diagonal part.
 
         Differentiable in the parameters (0 before the first consolidation); the gradient is
-        formed in the forward pass, with the same products as :meth:`add_penalty_grad`.
+        formed in the forward pass, with the same products as :meth:`add_penalty_grad`. The
+        value is summed in float32 at least, as :meth:`ewc.EWC.penalty`'s.
         """
         total = super().penalty()
         value, ps, grads = self._kron_parts()
@@ -395,3 +396,8 @@ class _Precomputed(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grads = torch._foreach_mul(list(ctx.saved_tensors), grad_out * ctx.lam)
         return (None, None, None, *grads)
+
+
+def _total(x: Tensor) -> Tensor:
+    """``x.sum()`` in float32 at least (a float16 sum overflows at 65504)."""
+    return x.sum(dtype=torch.promote_types(x.dtype, torch.float32))

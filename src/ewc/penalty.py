@@ -311,7 +311,7 @@ class EWC:
         """
         if not self.precision:
             p0 = next(iter(self._params().values()))
-            return p0.new_zeros(())
+            return p0.new_zeros((), dtype=torch.promote_types(p0.dtype, torch.float32))
         ps, precs, anchors = self._operands()
         if any(_fsdp.is_sharded(p) for p in ps):  # FSDP2: per-shard parts, summed over ranks
             return _fsdp.penalty(_fresh_quadratic, self.lam, float(self.offset), ps, precs, anchors)
