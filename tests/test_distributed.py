@@ -269,6 +269,30 @@ def test_data_parallel_is_unwrapped():
     assert set(reg.precision) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
+@pytest.mark.parametrize("nest", ["compile", "compile(DataParallel)", "DataParallel(compile)"])
+def test_a_compiled_model_is_unwrapped(nest, tmp_path):
+    model, x, y = _problem()
+    wrap = {
+        "compile": lambda m: torch.compile(m, backend="eager"),
+        "compile(DataParallel)": lambda m: torch.compile(nn.DataParallel(m), backend="eager"),
+        "DataParallel(compile)": lambda m: nn.DataParallel(torch.compile(m, backend="eager")),
+    }[nest]
+    compiled = wrap(model)
+    names = {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert {n for n, _ in compiled.named_parameters()} != names  # "_orig_mod." / "module."
+    got = ewc.fisher_diagonal(compiled, loader(x, y, 5), kind="exact")
+    assert set(got) == names
+    assert_fisher_close(got, dict(ewc.fisher_diagonal(model, loader(x, y, 5), kind="exact")))
+    reg = ewc.EWC(compiled, lam=1.0)
+    assert reg.model is model
+    reg.consolidate(loader(x, y, 5))
+    reg.save(tmp_path / "s.safetensors")
+    for target in (model, compiled):  # the state loads into the plain and the compiled model
+        back = ewc.EWC.load(tmp_path / "s.safetensors", target)
+        assert set(back.precision) == names
+        assert float(back.penalty()) == float(reg.penalty())
+
+
 def test_no_process_group_means_no_collectives(monkeypatch):
     assert not (dist.is_available() and dist.is_initialized())
 

@@ -34,7 +34,8 @@ rank is done, so uneven shards need no other coordination.
 Models wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` or
 :class:`~torch.nn.DataParallel` are unwrapped to their ``.module``: the per-sample passes must
 not run through the wrapper (its forward prepares a gradient all-reduce), and parameter names
-are the inner module's, without the ``"module."`` prefix.
+are the inner module's, without the ``"module."`` prefix. ``torch.compile``'s wrapper is
+unwrapped the same way (its ``"_orig_mod."`` prefix dropped; the passes run eagerly).
 """
 
 from __future__ import annotations
@@ -70,15 +71,30 @@ _WRAPPERS: tuple[type[nn.Module], ...] = (
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Return the module inside (possibly nested) ``DistributedDataParallel``/``DataParallel``.
+    """Return the module inside (possibly nested) DDP, ``DataParallel`` and ``torch.compile``.
 
-    Any other module is returned unchanged; one holding FSDP1 (``FullyShardedDataParallel``)
-    modules is refused (``ValueError``).
+    ``torch.compile(model)`` returns a wrapper whose parameter names carry an ``"_orig_mod."``
+    prefix: unwrapped, a compiled model's Fisher and EWC state have the names of the model
+    itself, so they load into it and into its compiled form alike. Any other module is returned
+    unchanged; one holding FSDP1 (``FullyShardedDataParallel``) modules is refused
+    (``ValueError``).
     """
-    while isinstance(model, _WRAPPERS):
-        model = model.module
+    compiled = _compiled_type()
+    while True:
+        if isinstance(model, _WRAPPERS):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            break
     _refuse_flat(model)
     return model
+
+
+def _compiled_type() -> type | None:
+    """``torch.compile``'s module wrapper, if dynamo is loaded (no wrapper exists otherwise)."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(frame, "OptimizedModule", None)
 
 
 def _refuse_flat(model: nn.Module) -> None:
