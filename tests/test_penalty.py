@@ -673,3 +673,17 @@ def test_precisions_stored_in_another_dtype_than_the_parameters(dtype, fisher_dt
     for n, p in params.items():
         assert grads[n].dtype == dtype
         torch.testing.assert_close(grads[n], p.grad)
+
+
+def test_a_model_changed_after_consolidation_gets_a_clear_error():
+    model, reg, _ = _penalised()
+    model[2] = nn.Linear(4, 3).double()  # the penalised layer had 2 outputs
+    for form in (reg.penalty, reg.add_penalty_grad):
+        with pytest.raises(ValueError, match=r"'2.weight' has shape \(3, 4\) but the state was"):
+            form()
+    del model[2]
+    for form in (reg.penalty, reg.add_penalty_grad):
+        with pytest.raises(
+            ValueError, match=r"no longer has the penalised parameters \['2.weight'"
+        ):
+            form()

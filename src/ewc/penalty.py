@@ -294,8 +294,21 @@ class EWC:
         """
         params = self._params()
         names = list(self.precision)
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(
+                f"the model no longer has the penalised parameters {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}: the state was consolidated for them; "
+                "restore them, or start a new EWC for the changed model"
+            )
         ps = [params[n] for n in names]
         for n, p in zip(names, ps, strict=True):
+            if self.precision[n].shape != p.shape:
+                raise ValueError(
+                    f"parameter {n!r} has shape {tuple(p.shape)} but the state was consolidated "
+                    f"for shape {tuple(self.precision[n].shape)}: restore the layer, or start a "
+                    "new EWC for the changed model"
+                )
             if self.precision[n].device != p.device:
                 self.precision[n] = self.precision[n].to(p.device)
                 self.anchor[n] = self.anchor[n].to(p.device)
