@@ -687,3 +687,35 @@ def test_a_model_changed_after_consolidation_gets_a_clear_error():
             ValueError, match=r"no longer has the penalised parameters \['2.weight'"
         ):
             form()
+
+
+def test_second_derivatives_through_the_penalty_are_autograds():
+    model, reg, _ = _penalised()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def written():
+        return model(x).sum() + sum(
+            0.5 * reg.lam * (reg.precision[n] * (p - reg.anchor[n]) ** 2).sum()
+            for n, p in model.named_parameters()
+        )
+
+    # a gradient-norm term from backward(create_graph=True): d/dθ Σ ‖∇‖² includes λ A ⊙ ∇
+    got = {}
+    for name, loss in (("ref", written), ("ours", lambda: model(x).sum() + reg.penalty())):
+        model.zero_grad(set_to_none=True)
+        loss().backward(create_graph=True)
+        norm = sum((p.grad**2).sum() for p in params)
+        model.zero_grad(set_to_none=True)
+        norm.backward()
+        got[name] = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+    for a, b in zip(got["ref"], got["ours"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+    # a Hessian-vector product of the penalty alone: λ A ⊙ v
+    gen = torch.Generator().manual_seed(5)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    g = torch.autograd.grad(reg.penalty(), params, create_graph=True)
+    hv = torch.autograd.grad(g, params, v)
+    for (n, _), h, vi in zip(model.named_parameters(), hv, v, strict=True):
+        torch.testing.assert_close(h, reg.lam * reg.precision[n] * vi, rtol=1e-12, atol=1e-15)

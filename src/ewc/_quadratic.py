@@ -168,7 +168,9 @@ class Quadratic(torch.autograd.Function):
     any hook sees it: ``torch.autograd.grad``, non-leaf inputs such as FSDP's shards, and
     parameters with tensor hooks (``register_hook``: a gradient mask must mask the penalty's
     part too; ``register_post_accumulate_grad_hook``: an optimizer stepping inside the backward
-    pass must see it), whose hooks would run before ours.
+    pass must see it), whose hooks would run before ours. Under ``create_graph=True`` the
+    gradient is returned as a graph in ``θ``, so second derivatives (a gradient-norm term,
+    Hessian-vector products: ``λ g A``) are autograd's too.
     """
 
     @staticmethod
@@ -187,15 +189,16 @@ class Quadratic(torch.autograd.Function):
         value, weighted = _value(lam, offset, precs, anchors, scratch, params)
         ctx.lam = lam
         ctx.weighted = weighted  # not inputs or outputs: kept on ctx, never modified
-        ctx.params = params
+        ctx.params, ctx.precs, ctx.anchors = params, precs, anchors
         ctx.pool, ctx.scratch = pool, scratch
         ctx.uses = None if scratch is None else scratch.uses
         return value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         weighted(ctx)  # refuses buffers a later pass overwrote
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            return (None, None, None, None, None, *_differentiable(ctx, grad_out))
         scale = grad_out * ctx.lam
         out: list[Tensor | None] = []
         pool = ctx.pool
@@ -218,6 +221,16 @@ class Quadratic(torch.autograd.Function):
         else:
             release(ctx)
         return (None, None, None, None, None, *out)
+
+
+def _differentiable(ctx: Any, grad_out: Tensor) -> list[Tensor | None]:
+    """``λ g A ⊙ (θ − μ)`` as a graph in ``θ`` and ``g`` (for second derivatives: ``λ g A``)."""
+    release(ctx)
+    out: list[Tensor | None] = []
+    for i, (p, a, m) in enumerate(zip(ctx.params, ctx.precs, ctx.anchors, strict=True)):
+        need = ctx.needs_input_grad[5 + i]
+        out.append((grad_out * ctx.lam) * a * (p - m) if need else None)
+    return out
 
 
 class _Pass:
