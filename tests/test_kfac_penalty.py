@@ -332,3 +332,28 @@ def test_a_float16_models_kfac_penalty_is_summed_in_float32(merge):
     assert values[1].dtype == torch.float32 and bool(torch.isfinite(values[1]))
     assert float(values[1].detach()) > 65504 > float(values[4].detach())
     assert float(values[1].detach()) == pytest.approx(16 * float(values[4].detach()), rel=2e-2)
+
+
+def test_second_derivatives_through_the_kfac_penalty_are_autograds():
+    model = Net()
+    pen = ewc.EWC(model, 3.0, curvature="kfac")
+    kfacs, anchors = _train_tasks(pen, model)
+    params = list(model.parameters())
+    x = _data(7)[0][0]
+
+    def dense():
+        return 1.5 * sum(
+            _dense_quadratic(k, _delta(model, a)) for k, a in zip(kfacs, anchors, strict=True)
+        )
+
+    got = {}
+    for name, penalty in (("dense", dense), ("ours", pen.penalty)):
+        model.zero_grad(set_to_none=True)
+        (model(x).pow(2).sum() + penalty()).backward(create_graph=True)
+        norm = sum((p.grad**2).sum() for p in params)
+        model.zero_grad(set_to_none=True)
+        norm.backward()  # d/dθ ‖∇‖²: the penalty's Hessian times ∇, and the task's
+        got[name] = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+    for (n, _), a, b in zip(model.named_parameters(), got["dense"], got["ours"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=n)

@@ -360,3 +360,39 @@ def test_cuda_matches_cpu():
         assert torch.allclose(sis[0].precision[n], sis[1].precision[n].cpu(), rtol=1e-9, atol=1e-12)
         assert torch.allclose(mas_cpu[n], mas_gpu[n].cpu(), rtol=1e-9, atol=1e-12)
         assert sis[1].precision[n].is_cuda and mas_gpu[n].is_cuda
+
+
+def test_second_derivatives_through_the_si_penalty_are_autograds():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    si = ewc.SI(model, c=0.7)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with si.attach(opt):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    si.consolidate()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = list(model.parameters())
+
+    def written():
+        pairs = model.named_parameters()
+        return (
+            0.5 * si.lam * sum((si.precision[n] * (p - si.anchor[n]) ** 2).sum() for n, p in pairs)
+        )
+
+    got = {}
+    for name, penalty in (("written", written), ("ours", si.penalty)):
+        model.zero_grad(set_to_none=True)
+        (model(x).sum() + penalty()).backward(create_graph=True)
+        first = [p.grad.detach().clone() for p in params]
+        norm = sum((p.grad**2).sum() for p in params)
+        model.zero_grad(set_to_none=True)
+        norm.backward()
+        got[name] = first + [p.grad.clone() for p in params]
+    for a, b in zip(got["written"], got["ours"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)

@@ -36,7 +36,7 @@ Kronecker product, so there are two ways to keep several tasks (``merge=``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -255,15 +255,20 @@ class KFACEWC(EWC):
         srot = s * rot
         return _total(srot * rot), qg @ srot @ qa.T
 
-    @torch.no_grad()
     def _kron_parts(
-        self, wanted: set[int] | None = None
+        self, wanted: set[int] | None = None, *, graph: bool = False
     ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
         """Return the Kronecker part's summed quadratics, its parameters and their gradients.
 
         The gradients are of half the sum; only trainable parameters (and only ``wanted`` ids
-        if given) are listed.
+        if given) are listed. ``graph``: the gradients as a graph in the parameters.
         """
+        with torch.set_grad_enabled(graph):
+            return self._kron_sums(wanted)
+
+    def _kron_sums(
+        self, wanted: set[int] | None
+    ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
         params = self._params()
         value: Tensor | None = None
         ps: list[Tensor] = []
@@ -292,7 +297,11 @@ class KFACEWC(EWC):
         if value is None:
             return total
         value = 0.5 * self.lam * (value + float(self.kron_offset))
-        return total + _Precomputed.apply(value.to(total.dtype), self.lam, grads, *ps)
+
+        def again() -> list[Tensor]:  # for create_graph=True: the same gradients, as a graph
+            return self._kron_parts(graph=True)[2]
+
+        return total + _Precomputed.apply(value.to(total.dtype), self.lam, grads, again, *ps)
 
     __call__ = penalty
 
@@ -381,21 +390,31 @@ def _top_eigenpairs(m: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
 
 
 class _Precomputed(torch.autograd.Function):
-    """A value whose gradient ``λ · grads`` was formed with it (``once_differentiable``)."""
+    """A value whose gradient ``λ · grads`` was formed with it.
+
+    Under ``create_graph=True`` the gradients are formed again as a graph in the parameters
+    (``again()``), so second derivatives through the penalty are autograd's.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, value: Tensor, lam: float, grads: list[Tensor], *params: Tensor
+        ctx: Any,
+        value: Tensor,
+        lam: float,
+        grads: list[Tensor],
+        again: Callable[[], list[Tensor]],
+        *params: Tensor,
     ) -> Tensor:
-        ctx.lam = lam
+        ctx.lam, ctx.again = lam, again
         ctx.save_for_backward(*grads)
         return value.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            return (None, None, None, None, *[grad_out * ctx.lam * g for g in ctx.again()])
         grads = torch._foreach_mul(list(ctx.saved_tensors), grad_out * ctx.lam)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _total(x: Tensor) -> Tensor:

@@ -395,10 +395,13 @@ class _Recorded(torch.autograd.Function):
         return Quadratic.forward(ctx, lam, offset, precs, anchors, None, *params)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grads = torch._foreach_mul(list(ctx.weighted), grad_out * ctx.lam)  # A ⊙ (θ − μ)
+        if torch.is_grad_enabled():  # create_graph=True: λ g A ⊙ (θ − μ) as a graph in θ
+            parts = zip(ctx.params, ctx.precs, ctx.anchors, strict=True)
+            grads = [(grad_out * ctx.lam) * a * (p - m) for p, a, m in parts]
+        else:
+            grads = torch._foreach_mul(list(ctx.weighted), grad_out * ctx.lam)  # A ⊙ (θ − μ)
         for i, (name, g) in enumerate(zip(ctx.names, grads, strict=True)):
             if ctx.needs_input_grad[6 + i]:
-                ctx.si._record(name, g)
+                ctx.si._record(name, g.detach())
         return (None, None, None, None, None, None, *grads)
