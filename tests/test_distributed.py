@@ -54,6 +54,9 @@ def _ddp_steps(model: nn.Module, reg: ewc.EWC, x: torch.Tensor, y: torch.Tensor,
     reg.add_penalty_grad()
     out.update({f"injected/{n}": p.grad.clone() for n, p in params.items()})
     opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    out.update({f"task/{n}": p.grad.clone() for n, p in params.items()})
+    opt.zero_grad(set_to_none=True)
     (nn.functional.cross_entropy(model(x), y) + reg.penalty()).backward()
     out.update({f"grad/{n}": p.grad.clone() for n, p in params.items()})
     out.update({f"param/{n}": p.detach().clone() for n, p in params.items()})
@@ -102,6 +105,14 @@ def _scenarios(rank: int) -> dict[str, torch.Tensor]:
     step: dict[str, torch.Tensor] = {}
     _ddp_steps(ddp, reg, xs, ys, step)
     out.update({f"ddp_step/{k}": v for k, v in step.items()})
+    # gradients as views of DDP's buckets: the penalty's in-place addition must reach them
+    inner = _problem()[0]
+    ddp = nn.parallel.DistributedDataParallel(inner, gradient_as_bucket_view=True)
+    reg = ewc.EWC(ddp, lam=LAM, kind="exact")
+    reg.consolidate(even)
+    step = {}
+    _ddp_steps(ddp, reg, xs, ys, step)
+    out.update({f"ddp_view_step/{k}": v for k, v in step.items()})
     return out
 
 
@@ -215,10 +226,15 @@ def test_ewc_penalty_and_gradients_under_ddp(ranks):
     reg.consolidate(loader(x, y, 5))
     want: dict[str, torch.Tensor] = {}
     _ddp_steps(model, reg, x, y, want)
-    for key, value in want.items():
-        got = [r[f"ddp_step/{key}"] for r in ranks]
-        assert torch.equal(got[0], got[1]), key
-        torch.testing.assert_close(got[0], value, rtol=1e-9, atol=1e-12, msg=key)
+    for prefix in ("ddp_step", "ddp_view_step"):
+        for key, value in want.items():
+            got = [r[f"{prefix}/{key}"] for r in ranks]
+            assert torch.equal(got[0], got[1]), (prefix, key)
+            torch.testing.assert_close(got[0], value, rtol=1e-9, atol=1e-12, msg=f"{prefix} {key}")
+        for n in dict(model.named_parameters()):  # autograd's = the task's + the injected form's
+            r = ranks[0]
+            both = r[f"{prefix}/task/{n}"] + r[f"{prefix}/injected/{n}"]
+            torch.testing.assert_close(r[f"{prefix}/grad/{n}"], both, rtol=1e-12, atol=1e-14)
 
 
 # --- Single-process tests -------------------------------------------------------------------
