@@ -305,13 +305,10 @@ def _arithmetic_only(reg, scratch):
     """The explicit form's tensor work with no autograd: ``d = θ − μ``, ``w = A ⊙ d``, ``Σ d·w``
     (flat), then ``.grad += λ w`` after the backward pass: the floor for any explicit form made
     of separate (unfused) operations. Returns the value and a function adding the gradient."""
+    from ewc._quadratic import _value  # the penalty's own forward arithmetic, no Function
+
     ps, precs, anchors = reg._operands()
-    for d, p, m in zip(scratch.diffs, ps, anchors, strict=True):
-        torch.sub(p, m, out=d)
-    ws = scratch.weighted_buffers()
-    for w, d, a in zip(ws, scratch.diffs, precs, strict=True):
-        torch.mul(d, a, out=w)
-    value = scratch.dot().mul_(0.5 * reg.lam)
+    value, ws = _value(reg.lam, float(reg.offset), precs, anchors, scratch, ps)
     return value, lambda: torch._foreach_add_([p.grad for p in ps], ws, alpha=reg.lam)
 
 

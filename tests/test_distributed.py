@@ -351,25 +351,31 @@ class _Raising:
         raise OSError("cannot read shard 7")
 
 
+def _broken_inputs(x: torch.Tensor, y: torch.Tensor):
+    """Rank 0's 60 counted batches (it must stop after the failing rank's round), a label out
+    of range and a NaN input for rank 1; ``read`` counts rank 0's batches."""
+    read: list[int] = []
+
+    class Counted:
+        def __iter__(self):
+            for batch in loader(x.repeat(20, 1), y.repeat(20), 4):
+                read.append(1)
+                yield batch
+
+    bad_labels = y[:6].clone()
+    bad_labels[4] = 9
+    nan_x = x[:6].clone()
+    nan_x[1, 2] = float("nan")
+    return read, Counted(), bad_labels, nan_x
+
+
 def _failing(rank: int, outdir: str) -> None:
     """Rank 1 breaks in three ways; each call must raise the same RankFailure on both ranks."""
     import json
     import time
 
     model, x, y = _problem()
-    read = []
-
-    class Counted:  # rank 0 has 60 batches; it must stop after the failing rank's round
-        def __iter__(self):
-            for batch in loader(x.repeat(20, 1), y.repeat(20), 4):
-                read.append(1)
-                yield batch
-
-    many = Counted()
-    bad_labels = y[:6].clone()
-    bad_labels[4] = 9
-    nan_x = x[:6].clone()
-    nan_x[1, 2] = float("nan")
+    read, many, bad_labels, nan_x = _broken_inputs(x, y)
     cases = {
         "labels": (many if rank == 0 else loader(x[:6], bad_labels, 3), "empirical"),
         "nonfinite": (many if rank == 0 else loader(nan_x, y[:6], 3), "exact"),
@@ -419,19 +425,7 @@ def _failing_others(rank: int, outdir: str) -> None:
     import time
 
     model, x, y = _problem()
-    read = []
-
-    class Counted:
-        def __iter__(self):
-            for batch in loader(x.repeat(20, 1), y.repeat(20), 4):
-                read.append(1)
-                yield batch
-
-    many = Counted()
-    bad_labels = y[:6].clone()
-    bad_labels[4] = 9
-    nan_x = x[:6].clone()
-    nan_x[1, 2] = float("nan")
+    read, many, bad_labels, nan_x = _broken_inputs(x, y)
     kfac = ewc.fisher_kfac
     cases = {
         "kfac labels": (kfac, many if rank == 0 else loader(x[:6], bad_labels, 3), "empirical"),

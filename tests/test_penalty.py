@@ -497,12 +497,17 @@ def test_a_replaced_parameter_is_penalised_and_the_old_one_let_go():
 
 
 # --- Hooks on the parameters: the penalty's gradient is seen as autograd would give it -----
-def _reference_grads(model, reg, x, mask=None):
-    """``∇ (Σ model(x) + penalty)`` with the penalty written out in plain autograd."""
+def _written_loss(model, reg, x):
+    """``Σ model(x) + penalty`` with the penalty written out in plain autograd."""
     loss = model(x).sum()
     for n, p in model.named_parameters():
         loss = loss + 0.5 * reg.lam * (reg.precision[n] * (p - reg.anchor[n]) ** 2).sum()
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss
+
+
+def _reference_grads(model, reg, x, mask=None):
+    """``∇ (Σ model(x) + penalty)`` with the penalty written out in plain autograd."""
+    grads = torch.autograd.grad(_written_loss(model, reg, x), list(model.parameters()))
     return [g if mask is None else g * mask[i] for i, g in enumerate(grads)]
 
 
@@ -605,7 +610,7 @@ def test_without_visible_hooks_every_gradient_goes_through_autograd(monkeypatch)
     model, reg, _ = _penalised()
     x = torch.randn(5, 3, dtype=torch.float64)
     want = _reference_grads(model, reg, x)
-    monkeypatch.setattr(_quadratic, "_HOOKS_VISIBLE", [False])  # a torch that hides them
+    monkeypatch.setattr(_quadratic, "_HOOKS_VISIBLE", False)  # a torch that hides them
     registered = []
     real = torch.Tensor.register_post_accumulate_grad_hook
     monkeypatch.setattr(
@@ -694,15 +699,13 @@ def test_second_derivatives_through_the_penalty_are_autograds():
     x = torch.randn(5, 3, dtype=torch.float64)
     params = list(model.parameters())
 
-    def written():
-        return model(x).sum() + sum(
-            0.5 * reg.lam * (reg.precision[n] * (p - reg.anchor[n]) ** 2).sum()
-            for n, p in model.named_parameters()
-        )
-
     # a gradient-norm term from backward(create_graph=True): d/dθ Σ ‖∇‖² includes λ A ⊙ ∇
     got = {}
-    for name, loss in (("ref", written), ("ours", lambda: model(x).sum() + reg.penalty())):
+    forms = (
+        ("ref", lambda: _written_loss(model, reg, x)),
+        ("ours", lambda: model(x).sum() + reg.penalty()),
+    )
+    for name, loss in forms:
         model.zero_grad(set_to_none=True)
         loss().backward(create_graph=True)
         norm = sum((p.grad**2).sum() for p in params)

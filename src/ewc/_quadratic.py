@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Pool", "Scratch", "Quadratic", "value", "diffs_into"]
+__all__ = ["Pool", "Scratch", "Quadratic", "value", "diffs_into", "wide_sum"]
 
 
 class Scratch:
@@ -91,8 +91,12 @@ def _dot(d: Tensor, w: Tensor, *, scratch: bool = True) -> Tensor:
         d, scratch = d.to(low), True
     if not (low.is_floating_point and torch.finfo(low).bits < 32):
         return torch.dot(d, w)
-    prod = d.mul_(w) if scratch and d.dtype == low else d * w
-    return prod.sum(dtype=torch.float32)
+    return wide_sum(d.mul_(w) if scratch else d * w)
+
+
+def wide_sum(x: Tensor) -> Tensor:
+    """``x.sum()`` in float32 at least (a float16 sum overflows at 65504)."""
+    return x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _key(params: Sequence[Tensor], precs: Sequence[Tensor], anchors: Sequence[Tensor]) -> Any:
@@ -162,15 +166,15 @@ class Quadratic(torch.autograd.Function):
     a parameter whose gradient accumulator this pass runs (``loss.backward()``) and that carries
     no hooks of its own, ``λ g A ⊙ (θ − μ)`` is added to its ``.grad`` right after autograd
     accumulates the rest of its gradient there (a post-accumulate hook; the hooks that DDP and
-    DeepSpeed put on the accumulator node run after it and see the whole gradient), or, for a
-    parameter that gets no other gradient, at the end of the pass. Nothing is allocated or
-    summed for it. Otherwise the gradient is returned, and autograd adds it to the rest before
-    any hook sees it: ``torch.autograd.grad``, non-leaf inputs such as FSDP's shards, and
-    parameters with tensor hooks (``register_hook``: a gradient mask must mask the penalty's
-    part too; ``register_post_accumulate_grad_hook``: an optimizer stepping inside the backward
-    pass must see it), whose hooks would run before ours. Under ``create_graph=True`` the
-    gradient is returned as a graph in ``θ``, so second derivatives (a gradient-norm term,
-    Hessian-vector products: ``λ g A``) are autograd's too.
+    DeepSpeed put on the accumulator node run after it and see the whole gradient; autograd runs
+    it even when the parameter gets no other gradient). Nothing is allocated or summed for it.
+    Otherwise the gradient is returned, and autograd adds it to the rest before any hook sees
+    it: ``torch.autograd.grad``, non-leaf inputs such as FSDP's shards, and parameters with
+    tensor hooks (``register_hook``: a gradient mask must mask the penalty's part too;
+    ``register_post_accumulate_grad_hook``: an optimizer stepping inside the backward pass must
+    see it), whose hooks would run before ours. Under ``create_graph=True`` the gradient is
+    returned as a graph in ``θ``, so second derivatives (a gradient-norm term, Hessian-vector
+    products: ``λ g A``) are autograd's too.
     """
 
     @staticmethod
@@ -237,11 +241,12 @@ class _Pass:
     """The in-place additions of one backward pass (graph task ``task``) of one penalty graph.
 
     A post-accumulate hook per parameter adds ``scale · w`` to ``.grad`` when the accumulator
-    runs in this very pass; :meth:`finish` (the end-of-pass callback) adds what is left (a
-    parameter that got no other gradient, or whose accumulator ran in a nested pass, as inside
-    reentrant checkpointing) and removes the hooks. A pass that fails never finishes: its hooks
-    stay inert (they act only in their own graph task, and task ids are not reused) until
-    :meth:`Pool.sweep` removes them.
+    runs in this very pass (with torch 2.13 it always does: the accumulator runs its hooks with
+    no other gradient too, and after a nested pass of reentrant checkpointing it runs again in
+    this one); :meth:`finish` (the end-of-pass callback) removes the hooks and, as a safety net
+    for a torch that skipped an accumulator, adds what is left. A pass that fails never
+    finishes: its hooks stay inert (they act only in their own graph task, and task ids are
+    not reused) until :meth:`Pool.sweep` removes them.
     """
 
     def __init__(self, task: int, scale: Tensor, ctx: Any) -> None:
@@ -396,14 +401,12 @@ def _hook_attributes_work() -> bool:
     return seen
 
 
-_HOOKS_VISIBLE: list[bool] = []
+_HOOKS_VISIBLE = _hook_attributes_work()
 
 
 def _hooked(p: Tensor) -> bool:
     """Whether ``p`` has tensor hooks (or this torch hides them: then assume it has)."""
     if not _HOOKS_VISIBLE:
-        _HOOKS_VISIBLE.append(_hook_attributes_work())
-    if not _HOOKS_VISIBLE[0]:
         return True
     if p._backward_hooks:
         return True

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._quadratic import wide_sum
 from .kfac import KFAC, KronBlock, estimate_kfac
 from .penalty import EWC
 
@@ -243,17 +244,17 @@ class KFACEWC(EWC):
             a, g = st["A"].to(wt.dtype), st["G"].to(wt.dtype)
             d = wt.unsqueeze(0) - st["anchor"]  # (T, O, I')
             gda = torch.bmm(torch.bmm(g, d), a)
-            return _total(gda * d), gda.sum(0)
+            return wide_sum(gda * d), gda.sum(0)
         if self.merge == "exact":  # per-task truncated eigenpairs, batched over the tasks
             qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
             d = wt.unsqueeze(0) - st["anchor"]
             rot = torch.bmm(torch.bmm(qg.transpose(1, 2), d), qa)  # (T, r_G, r_A)
             srot = s * rot
-            return _total(srot * rot), torch.bmm(torch.bmm(qg, srot), qa.transpose(1, 2)).sum(0)
+            return wide_sum(srot * rot), torch.bmm(torch.bmm(qg, srot), qa.transpose(1, 2)).sum(0)
         qa, qg, s = (st[k].to(wt.dtype) for k in ("Q_A", "Q_G", "S"))
         rot = qg.T @ (wt - st["mean"]) @ qa
         srot = s * rot
-        return _total(srot * rot), qg @ srot @ qa.T
+        return wide_sum(srot * rot), qg @ srot @ qa.T
 
     def _kron_parts(
         self, wanted: set[int] | None = None, *, graph: bool = False
@@ -415,8 +416,3 @@ class _Precomputed(torch.autograd.Function):
             return (None, None, None, None, *[grad_out * ctx.lam * g for g in ctx.again()])
         grads = torch._foreach_mul(list(ctx.saved_tensors), grad_out * ctx.lam)
         return (None, None, None, None, *grads)
-
-
-def _total(x: Tensor) -> Tensor:
-    """``x.sum()`` in float32 at least (a float16 sum overflows at 65504)."""
-    return x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
